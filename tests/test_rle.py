@@ -10,7 +10,8 @@ import pytest
 
 from gitract.rle import RLEError, rle_decode, rle_encode
 
-REAL_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "real" / "uwmgi_annotations_subset.csv"
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CSV = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (310, 360), (266, 266), (40, 3)])
