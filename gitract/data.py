@@ -1,0 +1,357 @@
+"""The competition's file layout: scan image folders, join ``train.csv``, read slices and masks.
+
+Everything downstream (folds, datasets, inference) works from one table with a row per slice,
+so this module is where a bad Kaggle download is caught: each problem raises a one-line
+:class:`~gitract.errors.DataError` naming the file, row or id, instead of a numpy traceback an
+hour into training.
+
+Two facts of the data shape the code (see ``design.md``): image file names carry the size
+WIDTH first (``slice_0001_360_310_1.50_1.50.png`` is an array of shape (310, 360)), and the
+images are 16-bit grayscale PNGs that must be read with ``cv2.IMREAD_UNCHANGED``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from gitract.errors import DataError, RLEError
+from gitract.rle import rle_decode
+
+__all__ = [
+    "CLASSES",
+    "DEFAULT_EXCLUDE",
+    "KAGGLE_INPUT",
+    "SCAN_COLUMNS",
+    "DataError",
+    "SliceInfo",
+    "load_train_table",
+    "parse_slice_path",
+    "read_slice",
+    "resolve_data_dir",
+    "scan_images",
+    "slice_mask",
+]
+
+CLASSES: tuple[str, str, str] = ("large_bowel", "small_bowel", "stomach")
+# The two case-days the hosts flagged as badly annotated; nearly every public solution drops them.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("case7_day0", "case81_day30")
+KAGGLE_INPUT = Path("/kaggle/input/uw-madison-gi-tract-image-segmentation")
+SYNTHETIC_DIR = Path("data/synthetic")
+
+SCAN_COLUMNS: tuple[str, ...] = (
+    "id",
+    "case",
+    "day",
+    "case_day",
+    "slice",
+    "path",
+    "height",
+    "width",
+    "spacing_h",
+    "spacing_w",
+)
+_CSV_COLUMNS = ("id", "class", "segmentation")
+_FIRST_FEW = 3  # how many offending ids an error message names
+
+_FILE_RE = re.compile(
+    r"slice_(?P<slice>\d{4})_(?P<w>\d+)_(?P<h>\d+)_(?P<pw>\d+(?:\.\d+)?)_(?P<ph>\d+(?:\.\d+)?)\.png"
+)
+_CASE_DAY_RE = re.compile(r"case(?P<case>\d+)_day(?P<day>\d+)")
+_ID_RE = r"case\d+_day\d+_slice_\d{4}"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TRAILER = b"IEND\xaeB`\x82"  # the IEND chunk type and its CRC: the last 8 bytes of a PNG
+
+
+def resolve_data_dir(cli: str | Path | None = None, cfg_root: str | Path | None = None) -> Path:
+    """Pick the data root: ``--data-dir`` > env ``GITRACT_DATA_DIR`` > config ``data.root`` >
+    the Kaggle input folder if it exists > ``data/synthetic``.
+
+    The Kaggle fallback is what lets the same command run unchanged inside a Kaggle kernel.
+    """
+    for candidate in (cli, os.environ.get("GITRACT_DATA_DIR"), cfg_root):
+        if candidate is not None and str(candidate).strip():
+            return Path(candidate)
+    if KAGGLE_INPUT.is_dir():
+        return KAGGLE_INPUT
+    return SYNTHETIC_DIR
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What an image's path says about it: ids, size (from the name, width first) and spacing."""
+
+    case: int
+    day: int
+    slice: int
+    width: int
+    height: int
+    spacing_w: float
+    spacing_h: float
+    id: str
+
+
+def parse_slice_path(path: Path) -> SliceInfo:
+    """Parse ``.../case{N}/case{N}_day{D}/scans/slice_{ZZZZ}_{W}_{H}_{PW}_{PH}.png``.
+
+    The case and day come from the ``case{N}_day{D}`` folder, as in the Kaggle layout; a file
+    that does not fit the layout raises :class:`DataError` naming it.
+    """
+    path = Path(path)
+    name = _FILE_RE.fullmatch(path.name)
+    if name is None:
+        raise DataError(
+            f"{path}: image file name does not match slice_ZZZZ_W_H_PW_PH.png "
+            "(e.g. slice_0001_266_266_1.50_1.50.png)"
+        )
+    scans, case_day_dir = path.parent, path.parent.parent
+    case_day = _CASE_DAY_RE.fullmatch(case_day_dir.name)
+    if scans.name != "scans" or case_day is None:
+        raise DataError(f"{path}: image is not in a case{{N}}_day{{D}}/scans/ folder")
+    case, day = int(case_day["case"]), int(case_day["day"])
+    case_dir = case_day_dir.parent.name
+    if case_dir.startswith("case") and case_dir != f"case{case}":
+        raise DataError(f"{path}: folder {case_day_dir.name} is inside {case_dir}, not case{case}")
+    width, height = int(name["w"]), int(name["h"])
+    if width == 0 or height == 0:
+        raise DataError(f"{path}: image file name gives a zero size {width}x{height}")
+    number = int(name["slice"])
+    return SliceInfo(
+        case=case,
+        day=day,
+        slice=number,
+        width=width,
+        height=height,
+        spacing_w=float(name["pw"]),
+        spacing_h=float(name["ph"]),
+        id=f"case{case}_day{day}_slice_{number:04d}",
+    )
+
+
+def _empty_scan() -> pd.DataFrame:
+    frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in SCAN_COLUMNS})
+    for column in ("id", "case_day", "path"):
+        frame[column] = frame[column].astype(object)
+    for column in ("spacing_h", "spacing_w"):
+        frame[column] = frame[column].astype("float64")
+    return frame
+
+
+def _first_few(values: Iterable[str]) -> str:
+    values = list(values)
+    shown = ", ".join(values[:_FIRST_FEW])
+    return shown + (", ..." if len(values) > _FIRST_FEW else "")
+
+
+def scan_images(image_dir: Path) -> pd.DataFrame:
+    """One row per PNG under ``image_dir`` (``train/`` or ``test/``), sorted by case, day, slice.
+
+    A missing or empty folder gives an empty frame with the same columns: the public Kaggle
+    kernel's ``test/`` is empty, and inference must still run.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        return _empty_scan()
+    infos = [(parse_slice_path(p), str(p)) for p in image_dir.rglob("*.png")]
+    if not infos:
+        return _empty_scan()
+    frame = pd.DataFrame(
+        {
+            "id": [i.id for i, _ in infos],
+            "case": [i.case for i, _ in infos],
+            "day": [i.day for i, _ in infos],
+            "case_day": [f"case{i.case}_day{i.day}" for i, _ in infos],
+            "slice": [i.slice for i, _ in infos],
+            "path": [p for _, p in infos],
+            "height": [i.height for i, _ in infos],
+            "width": [i.width for i, _ in infos],
+            "spacing_h": [i.spacing_h for i, _ in infos],
+            "spacing_w": [i.spacing_w for i, _ in infos],
+        }
+    )
+    dup = frame["id"].duplicated(keep=False)
+    if dup.any():
+        first = frame.loc[dup, "id"].iloc[0]
+        paths = sorted(frame.loc[frame["id"] == first, "path"])
+        raise DataError(
+            f"{image_dir}: {int(dup.sum())} image files share a slice id, e.g. {first}: "
+            + " and ".join(paths[:2])
+        )
+    frame = frame.astype({c: "int64" for c in ("case", "day", "slice", "height", "width")})
+    return frame.sort_values(["case", "day", "slice"], ignore_index=True)
+
+
+def _read_train_csv(csv_path: Path) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found (is the data dir right?)")
+    try:
+        # dtype=str + keep_default_na=False: an empty segmentation stays "" (an empty mask).
+        ann = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{csv_path}: file is empty (expected columns id,class,segmentation)"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{csv_path}: cannot parse as CSV: {detail}") from None
+    missing = [c for c in _CSV_COLUMNS if c not in ann.columns]
+    if missing:
+        raise DataError(
+            f"{csv_path}: missing column(s) {', '.join(missing)} "
+            f"(has: {', '.join(map(str, ann.columns))}; expected id,class,segmentation)"
+        )
+    if ann.empty:
+        raise DataError(f"{csv_path}: no rows under the header (an empty train.csv)")
+    return ann[list(_CSV_COLUMNS)]
+
+
+def _check_annotations(ann: pd.DataFrame, csv_path: Path) -> None:
+    """Reject malformed ids, unknown classes and duplicates, naming the CSV line (header = 1)."""
+    line = ann.index.to_numpy() + 2
+    bad_id = ~ann["id"].str.fullmatch(_ID_RE)
+    if bad_id.any():
+        i = int(np.flatnonzero(bad_id.to_numpy())[0])
+        raise DataError(
+            f"{csv_path}: line {line[i]}: malformed id {ann['id'].iloc[i]!r} "
+            f"(expected case{{N}}_day{{D}}_slice_{{ZZZZ}}; {int(bad_id.sum())} bad id(s) in all)"
+        )
+    bad_class = ~ann["class"].isin(CLASSES)
+    if bad_class.any():
+        i = int(np.flatnonzero(bad_class.to_numpy())[0])
+        raise DataError(
+            f"{csv_path}: line {line[i]} (id {ann['id'].iloc[i]}): unknown class "
+            f"{ann['class'].iloc[i]!r}; expected one of {', '.join(CLASSES)}"
+        )
+    dup = ann.duplicated(["id", "class"], keep="first")
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError(
+            f"{csv_path}: {int(dup.sum())} duplicated (id, class) row(s), first at line "
+            f"{line[i]}: ({ann['id'].iloc[i]}, {ann['class'].iloc[i]})"
+        )
+
+
+def _check_exclude(exclude: Sequence[str]) -> set[str]:
+    if isinstance(exclude, str):  # a lone string would otherwise be read letter by letter
+        exclude = [exclude]
+    for entry in exclude:
+        if not _CASE_DAY_RE.fullmatch(str(entry)):
+            raise DataError(f"exclude entry {entry!r} is not a case-day like case7_day0")
+    return set(map(str, exclude))
+
+
+def load_train_table(data_dir: Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> pd.DataFrame:
+    """Join ``train.csv`` with the images under ``train/``: one row per slice.
+
+    Columns: the :data:`SCAN_COLUMNS` then one column per class in :data:`CLASSES` order holding
+    the RLE string (``""`` for an empty mask). Case-days in ``exclude`` are dropped before
+    anything is matched, so a faulty excluded case-day cannot fail the checks.
+    """
+    data_dir = Path(data_dir)
+    csv_path = data_dir / "train.csv"
+    excluded = _check_exclude(exclude)
+    ann = _read_train_csv(csv_path)
+    _check_annotations(ann, csv_path)
+
+    # The long format (3 rows per slice) becomes one row per slice with a column per class.
+    wide = ann.pivot(index="id", columns="class", values="segmentation")
+    wide = wide.reindex(columns=list(CLASSES))
+    lacking = wide.isna()
+    if lacking.to_numpy().any():
+        rows = lacking.any(axis=1)
+        first = rows.idxmax()
+        missing = [c for c in CLASSES if lacking.at[first, c]]
+        raise DataError(
+            f"{csv_path}: {int(rows.sum())} id(s) lack a row for some class, e.g. {first} "
+            f"has no {', '.join(missing)} row (every slice needs one row per class)"
+        )
+    wide.columns.name = None
+    wide = wide.reset_index()
+    wide_case_day = wide["id"].str.replace(r"_slice_\d{4}$", "", regex=True)
+    wide = wide[~wide_case_day.isin(excluded)]
+
+    image_dir = data_dir / "train"
+    images = scan_images(image_dir)
+    images = images[~images["case_day"].isin(excluded)]
+
+    no_image = sorted(set(wide["id"]) - set(images["id"]))
+    if no_image:
+        raise DataError(
+            f"{csv_path}: {len(no_image)} id(s) have no image under {image_dir}: "
+            f"{_first_few(no_image)}"
+        )
+    no_label = images.loc[~images["id"].isin(wide["id"]), "path"].tolist()
+    if no_label:
+        raise DataError(
+            f"{image_dir}: {len(no_label)} image(s) have no annotation in {csv_path}: "
+            f"{_first_few(no_label)}"
+        )
+    table = images.merge(wide, on="id", how="inner", validate="one_to_one")
+    return table.sort_values(["case", "day", "slice"], ignore_index=True)
+
+
+def _diagnose_unreadable(path: Path) -> str:
+    """Say why OpenCV could not decode ``path``; only called on the error path."""
+    if not path.exists():
+        return "image not found"
+    if path.is_dir():
+        return "is a folder, not an image"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(len(_PNG_SIGNATURE))
+            fh.seek(max(size - len(_PNG_TRAILER), 0))
+            tail = fh.read()
+    except OSError as exc:
+        return f"cannot open image ({exc.strerror or exc})"
+    if size == 0:
+        return "image file is empty (0 bytes)"
+    if head == _PNG_SIGNATURE and tail != _PNG_TRAILER:
+        return f"truncated PNG ({size} bytes, no IEND chunk at the end); re-download it"
+    if head != _PNG_SIGNATURE:
+        return "unreadable image (not a PNG: wrong file signature)"
+    return "unreadable image (corrupt PNG data)"
+
+
+def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a slice as its raw uint16 (H, W) array, refusing anything else.
+
+    ``IMREAD_UNCHANGED`` keeps the 16-bit values (the default flag would cut them to 8 bits).
+    ``expected_hw`` is the (height, width) from the file name; a mismatch means the name or
+    the file is wrong, and masks decoded at the named size would not line up.
+    """
+    path = Path(path)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
+    if image.dtype != np.uint16 or image.ndim != 2:
+        channels = "grayscale" if image.ndim == 2 else f"{image.shape[2]}-channel"
+        raise DataError(
+            f"{path}: expected a 16-bit grayscale PNG, got {image.dtype.itemsize * 8}-bit "
+            f"{channels} ({image.dtype}, shape {image.shape})"
+        )
+    if expected_hw is not None and tuple(image.shape) != tuple(expected_hw):
+        raise DataError(
+            f"{path}: image is {image.shape[0]} high x {image.shape[1]} wide but its file name "
+            f"says {expected_hw[0]} high x {expected_hw[1]} wide"
+        )
+    return image
+
+
+def slice_mask(row: Mapping) -> np.ndarray:
+    """Decode a table row's three RLE columns into a uint8 (H, W, 3) mask in CLASSES order."""
+    shape = (int(row["height"]), int(row["width"]))
+    mask = np.zeros((*shape, len(CLASSES)), dtype=np.uint8)
+    for channel, name in enumerate(CLASSES):
+        try:
+            mask[..., channel] = rle_decode(row[name], shape)
+        except RLEError as exc:
+            raise DataError(f"{row.get('id', '?')} {name}: bad RLE: {exc}") from None
+    return mask
