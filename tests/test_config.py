@@ -1,0 +1,232 @@
+"""Config loading: both shipped configs, strict keys and types, overrides, round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gitract.config import (
+    CONFIG_DIR,
+    Config,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from gitract.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "configs" / "default.yaml"
+DEMO = ROOT / "configs" / "demo_cpu.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_config_dir_is_the_repo_configs():
+    assert CONFIG_DIR == ROOT / "configs"
+
+
+def test_default_yaml_loads_and_equals_dataclass_defaults():
+    cfg = load_config(DEFAULT)
+    assert cfg.name == "default"
+    assert cfg.model.arch == "Unet"
+    assert cfg.model.encoder_name == "efficientnet-b7"
+    assert cfg.model.encoder_weights == "imagenet"
+    assert (cfg.data.n_slices, cfg.data.slice_stride) == (3, 2)
+    assert cfg.data.img_size == [320, 384] and cfg.data.resize_mode == "pad"
+    assert cfg.train.amp is True and isinstance(cfg.train.lr, float)
+    # The dataclass defaults are documented as default.yaml's values: keep them in sync.
+    assert cfg == Config()
+
+
+def test_demo_cpu_yaml_loads():
+    cfg = load_config(DEMO)
+    assert cfg.name == "demo_cpu"
+    assert cfg.model.encoder_weights is None
+    assert cfg.data.img_size == [128, 128] and cfg.data.resize_mode == "pad"
+    assert cfg.train.amp is False and cfg.train.batch_size == 16 and cfg.data.num_workers == 2
+
+
+def test_yaml_name_wins_over_file_stem(tmp_path):
+    assert load_config(write(tmp_path, "name: exp1\n")).name == "exp1"
+    assert load_config(write(tmp_path, "train: {epochs: 2}\n", "b7_long.yaml")).name == "b7_long"
+
+
+def test_missing_keys_keep_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"))
+    assert cfg.train.epochs == 3
+    assert cfg.train.batch_size == Config().train.batch_size
+    assert cfg.infer == Config().infer
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "trian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: unknown key 'trian' \(did you mean 'train'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("train:\n  epochs: '15'\n", r"'train\.epochs' must be int, got '15' \(str\)"),
+        ("train:\n  epochs: 1.5\n", r"'train\.epochs' must be int, got 1\.5 \(float\)"),
+        ("train:\n  epochs: true\n", r"'train\.epochs' must be int, got True \(bool\)"),
+        ("train:\n  lr: true\n", r"'train\.lr' must be float, got True"),
+        ("train:\n  amp: 1\n", r"'train\.amp' must be bool, got 1 \(int\)"),
+        ("train:\n  lr: null\n", r"'train\.lr' must be float, got None"),
+        ("model:\n  encoder_name: null\n", r"'model\.encoder_name' must be str, got None"),
+        ("data:\n  img_size: 320\n", r"'data\.img_size' must be list\[int\], got 320"),
+        ("data:\n  img_size: [320, x]\n", r"'data\.img_size\[1\]' must be int, got 'x'"),
+        ("data:\n  resize_mode: crop\n", r"'data\.resize_mode' must be 'pad' \| 'resize'"),
+        ("infer:\n  tta_flips: [hflip, rot90]\n", r"'infer\.tta_flips\[1\]' must be 'hflip'"),
+        ("train: 3\n", r"section 'train' must be a mapping"),
+        ("- 1\n- 2\n", r"expected a mapping of sections, got list"),
+        ("name: 5\n", r"'name' must be str, got 5"),
+    ],
+)
+def test_wrong_type_names_key_type_and_value(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_config(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_numbers_are_widened_and_yaml_exponents_accepted(tmp_path):
+    # int where float is expected is fine; PyYAML reads "1e-3" as a str: taken as a float.
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1\n  min_lr: 1e-6\n  grad_clip: null\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.min_lr == 1e-6
+    assert cfg.train.grad_clip is None
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("train: {epochs: 0}", r"'train\.epochs' must be >= 1, got 0"),
+        ("train: {batch_size: -2}", r"'train\.batch_size' must be >= 1, got -2"),
+        ("data: {n_slices: 4}", r"'data\.n_slices' must be an odd integer >= 1, got 4"),
+        ("data: {n_slices: 0}", r"'data\.n_slices' must be an odd integer >= 1, got 0"),
+        ("data: {img_size: [320, 300]}", r"'data\.img_size' must be \[H, W\], two positive"),
+        ("data: {img_size: [320]}", r"'data\.img_size' must be \[H, W\]"),
+        ("infer: {thresholds: [0.5, 0.5]}", r"'infer\.thresholds' must be 3 values in \(0, 1\)"),
+        ("infer: {thresholds: [0.5, 1.0, 0.5]}", r"'infer\.thresholds' must be 3 values"),
+        ("train: {aug_hflip: 1.5}", r"'train\.aug_hflip' must be a probability in \[0, 1\]"),
+        ("train: {lr: 0.0}", r"'train\.lr' must be > 0, got 0\.0"),
+        ("infer: {tta_flips: [hflip, hflip]}", r"'infer\.tta_flips' must be a list without"),
+    ],
+)
+def test_out_of_range_values(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, text + "\n"))
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"x\.yaml: invalid YAML at line \d+: "):
+        load_config(write(tmp_path, "train:\n  epochs: [1\n"))
+
+
+def test_overrides_are_applied_and_parsed_as_yaml():
+    cfg = load_config(
+        DEFAULT,
+        [
+            "train.epochs=3",
+            "train.lr=1e-3",
+            "model.encoder_weights=null",
+            "data.img_size=[256, 256]",
+            "infer.tta_flips=[]",
+            "train.amp=false",
+            "data.root=/tmp/data",
+            "name=quick",
+        ],
+    )
+    assert cfg.train.epochs == 3 and cfg.train.lr == 1e-3
+    assert cfg.model.encoder_weights is None
+    assert cfg.data.img_size == [256, 256]
+    assert cfg.infer.tta_flips == [] and cfg.train.amp is False
+    assert cfg.data.root == "/tmp/data" and cfg.name == "quick"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=three", "--set train.epochs=three: 'train.epochs' must be int, got 'three'"),
+        ("train.epoch=3", "--set train.epoch=3: unknown key 'train.epoch' (did you mean"),
+        ("trian.epochs=3", "--set trian.epochs=3: unknown key 'trian' (did you mean 'train'?)"),
+        ("train.epochs", "--set train.epochs: expected section.key=value"),
+        ("epochs=3", "--set epochs=3: expected section.key=value"),
+        ("train.x.y=3", "--set train.x.y=3: expected section.key=value"),
+        ("train.epochs=[1", "--set train.epochs=[1: value is not valid YAML"),
+    ],
+)
+def test_bad_overrides_name_the_override(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, [override])
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_override_ranges_are_checked_on_the_final_config():
+    cfg = load_config(DEFAULT, ["train.lr=1e-7", "train.min_lr=0"])  # valid only together
+    assert (cfg.train.lr, cfg.train.min_lr) == (1e-7, 0.0)
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["train.epochs=3", "data.n_slices=2"])
+    assert str(e.value) == (
+        f"{DEFAULT} with --set train.epochs=3 data.n_slices=2: "
+        "'data.n_slices' must be an odd integer >= 1, got 2"
+    )
+
+
+def test_dict_round_trip():
+    cfg = load_config(DEMO, ["train.epochs=2"])
+    d = config_to_dict(cfg)
+    assert list(d) == ["name", "data", "model", "train", "infer"]
+    assert d["train"]["epochs"] == 2
+    again = config_from_dict(d)
+    assert again == cfg
+    assert config_to_dict(again) == d
+    assert config_from_dict(d, name="other").name == "other"
+    # The dict is plain data: what a weights_only checkpoint and safe_dump can hold.
+    assert yaml.safe_load(yaml.safe_dump(d)) == d
+
+
+def test_from_dict_validates_like_a_file():
+    d = config_to_dict(Config())
+    d["train"]["epochs"] = "ten"
+    with pytest.raises(ConfigError, match=r"^ckpt: 'train\.epochs' must be int"):
+        config_from_dict(d, source="ckpt")
+    d = config_to_dict(Config())
+    d["train"]["epoch"] = 3
+    with pytest.raises(ConfigError, match=r"^config: unknown key 'train\.epoch'"):
+        config_from_dict(d)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = dataclasses.replace(load_config(DEFAULT, ["train.epochs=4", "infer.out=sub.csv"]))
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg  # the saved name wins over the file stem "config"
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_save_config_overwrites_atomically(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(Config(name="a"), path)
+    save_config(Config(name="b"), path)
+    assert load_config(path).name == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]

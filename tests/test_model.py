@@ -1,0 +1,248 @@
+"""Model building (smp), local/named encoder weights without internet, checkpoint loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from gitract import model as model_mod
+from gitract.config import Config, ModelConfig, config_to_dict, load_config
+from gitract.errors import CheckpointError, ConfigError
+from gitract.model import build_model, load_checkpoint, load_model_from_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights=None)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Force huggingface_hub's offline mode: a download fails at once, whatever the network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_default_b7_unet_forward_backward_on_cpu():
+    cfg = load_config(ROOT / "configs" / "default.yaml", ["model.encoder_weights=null"])
+    torch.manual_seed(0)
+    net = build_model(cfg.model, in_channels=cfg.data.n_slices, classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    out = net(x)
+    assert out.shape == (2, 3, 64, 64)
+    out.float().pow(2).mean().backward()
+    stem = next(m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.in_channels == 3
+    assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
+
+
+def test_demo_cpu_model_builds_and_runs():
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml")
+    net = build_model(cfg.model, in_channels=cfg.data.n_slices).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, cfg.data.n_slices, *cfg.data.img_size))
+    assert out.shape == (1, 3, *cfg.data.img_size)
+
+
+def test_other_arch_and_in_channels():
+    net = build_model(ModelConfig("FPN", "resnet18", None), in_channels=5, classes=2).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 5, 64, 64)).shape == (1, 2, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (ModelConfig("Unte", "resnet18", None), "model.arch: unknown architecture 'Unte' (did you"),
+        (ModelConfig("Unet", "resnet19", None), "model.encoder_name: unknown encoder 'resnet19'"),
+        (ModelConfig("Unet", "tu-nosuchnet", None), "model.encoder_name: timm has no model"),
+        (
+            ModelConfig("Unet", "tu-efficientnet_b7", "imagenet"),
+            "model.encoder_weights: timm has no pretrained weights for 'efficientnet_b7'",
+        ),
+        (
+            ModelConfig("Unet", "resnet18", "imagenet22k"),
+            "model.encoder_weights: unknown weights 'imagenet22k' for encoder 'resnet18'",
+        ),
+    ],
+)
+def test_unknown_names(cfg, message):
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg, in_channels=3)
+    assert str(e.value).startswith(message)
+
+
+def test_imagenet_weights_unavailable_fail_fast_with_hint(offline):
+    cfg = load_config(ROOT / "configs" / "default.yaml")  # efficientnet-b7, imagenet
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg.model, in_channels=3)
+    assert time.perf_counter() - start < 20
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(
+        "model.encoder_weights: cannot fetch 'imagenet' weights for encoder 'efficientnet-b7'"
+    )
+    assert "--set model.encoder_weights=/path/to/encoder.pth" in msg and "null" in msg
+
+
+def test_unreachable_hub_switches_to_offline_mode_and_back(monkeypatch):
+    """Without internet the build must not sit in huggingface_hub's ~25 s retry loop."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    start = time.perf_counter()
+    with pytest.raises(
+        ConfigError, match="cannot fetch 'imagenet' weights for encoder 'tu-resnet18'"
+    ):
+        build_model(ModelConfig("Unet", "tu-resnet18", "imagenet"), in_channels=3)
+    assert time.perf_counter() - start < 20
+    assert constants.HF_HUB_OFFLINE is False
+
+
+def test_download_error_becomes_config_error(monkeypatch):
+    import segmentation_models_pytorch.encoders as smp_encoders
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(smp_encoders, "hf_hub_download", no_network)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
+    with pytest.raises(ConfigError, match=r"\(no internet\? URLError\); put the encoder's state"):
+        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_encoder_weights_are_loaded(tmp_path, suffix):
+    torch.manual_seed(1)
+    source = build_model(SMALL, in_channels=3)
+    path = tmp_path / f"resnet18{suffix}"
+    state = source.encoder.state_dict()
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    torch.manual_seed(2)
+    net = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=3)
+    assert torch.equal(net.encoder.conv1.weight, source.encoder.conv1.weight)
+    assert torch.equal(
+        net.encoder.layer4[1].bn2.running_var, source.encoder.layer4[1].bn2.running_var
+    )
+
+
+def test_local_rgb_weights_are_adapted_to_more_slices(tmp_path):
+    source = build_model(SMALL, in_channels=3)
+    path = tmp_path / "enc.pth"
+    torch.save(source.encoder.state_dict(), path)
+    net = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=5)
+    w3, w5 = source.encoder.conv1.weight, net.encoder.conv1.weight
+    assert w5.shape[1] == 5
+    assert torch.allclose(w5[:, 3], w3[:, 0] * 3 / 5)  # smp's rule: cycle RGB, rescale
+
+
+def test_local_weights_errors_name_the_file(tmp_path):
+    other = build_model(ModelConfig("Unet", "mobilenet_v2", None), in_channels=3)
+    path = tmp_path / "mobilenet.pth"
+    torch.save(other.encoder.state_dict(), path)
+    with pytest.raises(ConfigError) as e:
+        build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=3)
+    assert str(e.value).startswith(
+        f"model.encoder_weights {path}: does not fit encoder 'resnet18': "
+    )
+    assert "missing" in str(e.value) and "unexpected keys" in str(e.value)
+
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ConfigError, match=f"model.encoder_weights {missing}: file not found"):
+        build_model(dataclasses.replace(SMALL, encoder_weights=str(missing)), in_channels=3)
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": os.system}, evil)
+    with pytest.raises(
+        ConfigError, match=r"evil\.pth: refused: it holds pickled objects \(\w+\.system\)"
+    ):
+        build_model(dataclasses.replace(SMALL, encoder_weights=str(evil)), in_channels=3)
+
+
+def _checkpoint(tmp_path: Path, cfg: Config, net: torch.nn.Module) -> Path:
+    path = tmp_path / "best.pt"
+    torch.save({"model": net.state_dict(), "config": config_to_dict(cfg), "epoch": 3}, path)
+    return path
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml")
+    net = build_model(cfg.model, in_channels=cfg.data.n_slices).eval()
+    path = _checkpoint(tmp_path, cfg, net)
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 3
+    again, cfg2 = load_model_from_checkpoint(ckpt, source=path)
+    assert cfg2 == cfg and not again.training
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+
+
+def test_checkpoint_never_downloads(tmp_path, offline):
+    """The config inside says imagenet, but a checkpoint has every weight: build with None."""
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["model.encoder_weights=imagenet"])
+    net = build_model(dataclasses.replace(cfg.model, encoder_weights=None), in_channels=3)
+    model, _ = load_model_from_checkpoint(load_checkpoint(_checkpoint(tmp_path, cfg, net)))
+    for mine, theirs in zip(model.state_dict().values(), net.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_checkpoint_that_does_not_match_its_config(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["model.encoder_name=resnet34"])
+    assert SMALL.encoder_name == "resnet18"
+    net = build_model(SMALL, in_channels=3)  # resnet18 weights, resnet34 config
+    path = _checkpoint(tmp_path, cfg, net)
+    with pytest.raises(CheckpointError) as e:
+        load_model_from_checkpoint(load_checkpoint(path), source=path)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {path}: weights do not match its config (Unet/resnet34): ")
+    assert "missing, 0 unexpected keys, e.g. missing 'encoder.layer1.2." in msg
+
+
+def test_checkpoint_with_invalid_config_or_entries(tmp_path):
+    net = build_model(SMALL, in_channels=3)
+    bad = config_to_dict(Config())
+    bad["train"]["epoch"] = 1
+    with pytest.raises(
+        CheckpointError, match=r"^checkpoint ck\.pt config: unknown key 'train\.epoch'"
+    ):
+        load_model_from_checkpoint({"model": net.state_dict(), "config": bad}, source="ck.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint: no 'config' entry"):
+        load_model_from_checkpoint({"model": net.state_dict()})
+
+
+def test_load_checkpoint_refuses_pickled_callables(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": os.system}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(
+        f"checkpoint {path}: refused: it holds pickled objects (posix.system)"
+    )
+
+
+def test_load_checkpoint_missing_or_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match=r"missing\.pt: file not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pt: not a readable torch file"):
+        load_checkpoint(junk)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(2), tensor)
+    with pytest.raises(CheckpointError, match=r"tensor\.pt: expected a dict, got Tensor"):
+        load_checkpoint(tensor)
