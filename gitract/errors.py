@@ -7,7 +7,14 @@ is all the user sees: the scripts print it without a traceback.
 
 from __future__ import annotations
 
-__all__ = ["GitractError", "DataError", "RLEError", "ConfigError", "CheckpointError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "GitractError",
+    "RLEError",
+    "TrainingError",
+]
 
 
 class GitractError(Exception):
@@ -28,3 +35,7 @@ class ConfigError(GitractError, ValueError):
 
 class CheckpointError(GitractError, ValueError):
     """A checkpoint is missing, unsafe, or does not fit its config."""
+
+
+class TrainingError(GitractError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the epoch and step."""

@@ -172,3 +172,33 @@ def real_annotations() -> pd.DataFrame:
     if not REAL_ANNOTATIONS.is_file():
         pytest.skip(f"real annotations not found at {REAL_ANNOTATIONS}")
     return pd.read_csv(REAL_ANNOTATIONS, dtype={"segmentation": str}, keep_default_na=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _volume_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the volume cache of every test (and the scripts they start) out of ~/.cache."""
+    import os
+
+    os.environ["GITRACT_CACHE_DIR"] = str(tmp_path_factory.mktemp("volume_cache"))
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A small synthetic competition data set with its folds, shared by a whole test session."""
+
+    root: Path
+    labels_csv: Path
+    folds_csv: Path
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
+    """8 cases (6 train, 2 test) of 20-slice days, and 3 folds: ~450 slices in all."""
+    from gitract.folds import create_folds_file
+    from gitract.synthetic import generate
+
+    base = tmp_path_factory.mktemp("synthetic")
+    summary = generate(base / "data", base / "labels", n_cases=8, n_slices=20, seed=7)
+    folds_csv = base / "folds.csv"
+    create_folds_file(base / "data", folds_csv, n_splits=3, seed=0)
+    return SyntheticSet(base / "data", summary.labels_csv, folds_csv)

@@ -1,0 +1,29 @@
+"""Writing checkpoints so that a kill at any moment leaves the previous one intact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save_checkpoint"]
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Save ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
+
+    ``state`` must hold only what ``torch.load(..., weights_only=True)`` accepts (tensors,
+    containers, numbers, strings): no pickled callables, so loading a checkpoint never runs code.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,47 @@
+"""Training curves as a PNG: loss and Dice per epoch, overall and per class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers, CI or Kaggle
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from gitract.data import CLASSES  # noqa: E402
+
+__all__ = ["plot_curves", "save_figure"]
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write a figure atomically and close it (figures otherwise pile up in memory)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot_curves(history: pd.DataFrame, path: str | Path) -> None:
+    """Left: train and val loss; right: val Dice overall and per class, per epoch."""
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = history["epoch"]
+    ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
+    ax_loss.plot(epochs, history["val_loss"], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="Dice + BCE loss", title="loss")
+    ax_loss.legend()
+    ax_dice.plot(epochs, history["val_dice"], "o-", color="black", lw=2, label="mean")
+    for name in CLASSES:
+        if f"val_dice_{name}" in history:
+            ax_dice.plot(epochs, history[f"val_dice_{name}"], ".--", label=name)
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1.02))
+    ax_dice.legend(loc="lower right")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    save_figure(fig, path)

@@ -1,0 +1,175 @@
+"""A per-case-day cache of slices as raw uint16 volumes on disk, built once.
+
+A 2.5D sample needs three (or more) slices of one case-day. Decoding three PNGs per sample is
+what makes naive loaders slow, and holding every volume in RAM does not scale to the 38k real
+slices. So each case-day is decoded once into a raw file ``<case_day>-<key>.u16`` (D x H x W,
+C order) next to a bit-packed mask file and a small JSON with its intensity percentiles, and a
+sample reads just its slices with positioned reads: memory stays flat whatever the data size.
+The key hashes the source files' paths, sizes and modification times (and the RLE strings), so
+changed data gets a fresh cache entry instead of a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from gitract.data import CLASSES, read_slice, slice_mask
+
+__all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir"]
+
+# Robust intensity window per case-day: the 16-bit MRI range differs between scanners and days.
+PERCENTILES = (0.5, 99.5)
+
+
+def default_cache_dir() -> Path:
+    """``$GITRACT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gitract`` (``~/.cache/gitract``).
+
+    In a Kaggle kernel the input folder is read-only, so the cache must live elsewhere."""
+    if env := os.environ.get("GITRACT_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gitract"
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """One cached case-day: where its files are and how to normalise its intensities."""
+
+    case_day: str
+    depth: int
+    height: int
+    width: int
+    lo: float
+    hi: float
+    image_file: str
+    mask_file: str | None
+
+
+def _cache_key(group: pd.DataFrame, with_masks: bool) -> str:
+    digest = hashlib.sha1()
+    for path in group["path"]:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    if with_masks:
+        for cls in CLASSES:
+            digest.update("\n".join(group[cls]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class VolumeCache:
+    """Slices and masks of the case-days in ``table``, read from an on-disk cache.
+
+    ``table`` is a slice table (``gitract.data.load_train_table`` or ``scan_images``); with
+    ``with_masks`` it must carry the RLE columns. Missing cache entries are built on creation.
+    The object pickles cheaply (metadata only), so DataLoader workers can share it.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        cache_dir: str | Path | None = None,
+        with_masks: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.with_masks = with_masks
+        self.volumes: dict[str, VolumeInfo] = {}
+        # id -> (case_day, z): z is the position in the case-day's slice order, not the number.
+        self.position: dict[str, tuple[str, int]] = {}
+        groups = list(table.sort_values(["case_day", "slice"]).groupby("case_day", sort=True))
+        bar = tqdm(groups, desc="volume cache", unit="vol", disable=not progress, leave=False)
+        for case_day, group in bar:
+            self.volumes[case_day] = self._load_or_build(case_day, group)
+            for z, slice_id in enumerate(group["id"]):
+                self.position[slice_id] = (case_day, z)
+
+    def _load_or_build(self, case_day: str, group: pd.DataFrame) -> VolumeInfo:
+        key = _cache_key(group, self.with_masks)
+        stem = self.cache_dir / f"{case_day}-{key}"
+        meta_path = stem.with_suffix(".json")
+        if meta_path.exists():
+            fields = json.loads(meta_path.read_text())
+            # Paths are re-derived, so a cache folder that was moved or mounted elsewhere works.
+            fields["image_file"] = str(stem.with_suffix(".u16"))
+            if fields["mask_file"]:
+                fields["mask_file"] = str(stem.with_suffix(".mask.u8"))
+            return VolumeInfo(**fields)
+        shapes = set(zip(group["height"], group["width"], strict=True))
+        if len(shapes) != 1:
+            from gitract.errors import DataError
+
+            raise DataError(f"{case_day}: slices of different sizes {sorted(shapes)}")
+        height, width = shapes.pop()
+        rows = group.to_dict("records")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            # cv2 releases the GIL while decoding, so threads do overlap here.
+            images = list(pool.map(lambda r: read_slice(r["path"], (height, width)), rows))
+        volume = np.stack(images)
+        lo, hi = np.percentile(volume[:, ::2, ::2], PERCENTILES)
+        image_file = stem.with_suffix(".u16")
+        _atomic_write_bytes(image_file, volume.astype("<u2").tobytes())
+        mask_file = None
+        if self.with_masks:
+            bits = np.stack([slice_mask(r) for r in rows])  # (D, H, W, 3) of 0/1
+            packed = (bits * np.array([1, 2, 4], np.uint8)).sum(axis=-1, dtype=np.uint8)
+            mask_file = stem.with_suffix(".mask.u8")
+            _atomic_write_bytes(mask_file, packed.tobytes())
+        info = VolumeInfo(
+            case_day=case_day,
+            depth=len(rows),
+            height=int(height),
+            width=int(width),
+            lo=float(lo),
+            hi=float(max(hi, lo + 1.0)),
+            image_file=str(image_file),
+            mask_file=str(mask_file) if mask_file else None,
+        )
+        # The JSON goes last: its presence is what marks the entry complete.
+        _atomic_write_bytes(meta_path, json.dumps(info.__dict__).encode())
+        return info
+
+    def locate(self, slice_id: str) -> tuple[VolumeInfo, int]:
+        """The volume holding ``slice_id`` and the slice's position in it."""
+        case_day, z = self.position[slice_id]
+        return self.volumes[case_day], z
+
+    @staticmethod
+    def _read_plane(path: str, z: int, plane: int, dtype: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        return np.fromfile(path, dtype=dtype, count=plane, offset=z * plane * itemsize)
+
+    def image_stack(self, slice_id: str, offsets: Sequence[int]) -> np.ndarray:
+        """Normalised float32 (H, W, len(offsets)) of the slices at ``z + offset``, clamped to
+        the volume's ends (so the first slice's neighbour below is itself)."""
+        info, z = self.locate(slice_id)
+        plane = info.height * info.width
+        zs = np.clip(np.asarray(offsets) + z, 0, info.depth - 1)
+        planes = [self._read_plane(info.image_file, int(k), plane, "<u2") for k in zs]
+        stack = np.stack(planes, axis=-1).reshape(info.height, info.width, len(zs))
+        scaled = (stack.astype(np.float32) - info.lo) / (info.hi - info.lo)
+        return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+    def mask(self, slice_id: str) -> np.ndarray:
+        """The slice's (H, W, 3) uint8 mask of 0/1, in CLASSES order."""
+        info, z = self.locate(slice_id)
+        if info.mask_file is None:
+            raise ValueError("this cache was built without masks")
+        plane = info.height * info.width
+        packed = self._read_plane(info.mask_file, z, plane, "u1").reshape(info.height, info.width)
+        return ((packed[..., None] >> np.arange(3, dtype=np.uint8)) & 1).astype(np.uint8)
