@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 DATA_DIR   ?= data/synthetic
 LABELS_DIR ?= data/synthetic_labels
 FOLDS_CSV  ?= folds/folds.csv
+DEMO_RUNS  := runs/demo_cpu
+DEMO_ARGS  := --config configs/demo_cpu.yaml --data-dir $(DATA_DIR)
+SUBMISSION := submissions/submission.csv
 
 .PHONY: setup data folds demo test lint format clean
 
@@ -26,7 +29,19 @@ data: setup
 folds: setup
 	$(PY) scripts/make_folds.py --data-dir $(DATA_DIR) --out $(FOLDS_CSV)
 
+# The whole pipeline on synthetic data, CPU only: ~8 minutes on 2 cores.
 demo: data folds
+	$(PY) scripts/train.py --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV)
+	@echo "== out-of-fold score of fold 0 (its validation cases)"
+	$(PY) scripts/infer.py --oof --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV) --no-progress
+	$(PY) scripts/evaluate.py --submission $(DEMO_RUNS)/oof.csv --data-dir $(DATA_DIR)
+	@echo "== test set: ensemble of the trained folds -> $(SUBMISSION)"
+	$(PY) scripts/infer.py $(DEMO_ARGS) --out $(SUBMISSION) --no-progress
+	$(PY) scripts/evaluate.py --submission $(SUBMISSION) \
+		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR)
+	$(PY) scripts/visualize.py --submission $(SUBMISSION) \
+		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --out-dir $(DEMO_RUNS)/fold0
+	@echo "== training curves: $(DEMO_RUNS)/fold0/curves.png"
 
 test: setup
 	$(PY) -m pytest
