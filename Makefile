@@ -12,8 +12,10 @@ FOLDS_CSV  ?= folds/folds.csv
 DEMO_RUNS  := runs/demo_cpu
 DEMO_ARGS  := --config configs/demo_cpu.yaml --data-dir $(DATA_DIR)
 SUBMISSION := submissions/submission.csv
+RUNS       ?= runs/default
+KAGGLE_USER ?= $(KAGGLE_USERNAME)
 
-.PHONY: setup data folds demo test lint format clean
+.PHONY: setup data folds demo test lint format clean kaggle
 
 # Re-installs only when pyproject.toml changes: a no-op in well under a second otherwise.
 setup: $(STAMP)
@@ -43,6 +45,11 @@ demo: data folds
 		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --out-dir $(DEMO_RUNS)/fold0
 	@echo "== training curves: $(DEMO_RUNS)/fold0/curves.png"
 
+# Offline Kaggle bundle: dist/kaggle-dataset (wheels + trained folds) and dist/kaggle-kernel.
+# Third-party wheels are downloaded once into dist/wheel-cache and reused.
+kaggle: setup
+	$(PY) scripts/build_kaggle.py --runs $(RUNS) --out dist $(if $(KAGGLE_USER),--user $(KAGGLE_USER))
+
 test: setup
 	$(PY) -m pytest
 
@@ -55,4 +62,4 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf data runs submissions/*.csv .pytest_cache
+	rm -rf data runs submissions/*.csv submissions/pictures .pytest_cache dist/kaggle-dataset dist/kaggle-kernel
