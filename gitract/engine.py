@@ -13,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +287,11 @@ def _fit(
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=False)
     train_loader, val_loader, sampler = _loaders(cfg, train_df, val_df, cache, ctx)
 
-    model = build_model(cfg.model, in_channels=cfg.data.n_slices, classes=len(CLASSES))
+    last_path = run_dir / "last.pt"
+    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+    # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
+    model_cfg = replace(cfg.model, encoder_weights=None) if ckpt else cfg.model
+    model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=len(CLASSES))
     model = model.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -304,9 +309,7 @@ def _fit(
         return lr_at(step, total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr)
 
     start_epoch, step, best_dice, history = 1, 0, -1.0, []
-    last_path = run_dir / "last.pt"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
+    if ckpt is not None:
         if ckpt["config"]["model"] != config_to_dict(cfg)["model"]:
             raise CheckpointError(
                 f"{last_path}: its model config {ckpt['config']['model']} differs from this "
