@@ -1,0 +1,378 @@
+"""Fold-ensemble inference: probabilities averaged over folds and flip TTA, masks back at each
+slice's own size, RLE, and exactly the rows of ``sample_submission.csv``.
+
+Probabilities are averaged on the model's canvas, taken back to the slice's H x W *before*
+the threshold (bilinear when the canvas was scaled; a plain crop for the default 320x384 pad),
+then thresholded per class and cleaned of small components. Each batch is encoded to RLE as
+soon as it is predicted, so memory does not grow with the test set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from gitract.config import Config, DataConfig, InferConfig
+from gitract.data import CLASSES, KAGGLE_INPUT, scan_images
+from gitract.errors import CheckpointError, ConfigError, DataError
+from gitract.evaluation import read_csv_checked
+from gitract.postprocess import binarize
+from gitract.rle import rle_encode
+from gitract.volumes import VolumeCache
+
+__all__ = [
+    "OOF_PROBS_DIR",
+    "POSTPROCESS_FILE",
+    "Ensemble",
+    "default_output_path",
+    "find_checkpoints",
+    "encode_predictions",
+    "infer_oof",
+    "infer_test",
+    "load_postprocess",
+    "predict_probs",
+    "read_sample_submission",
+    "write_submission",
+]
+
+# Written by ``evaluate.py --tune`` into the runs folder; infer.py prefers it to the config.
+POSTPROCESS_FILE = "postprocess.json"
+# Where ``infer.py --oof`` leaves each case-day's probabilities for ``evaluate.py --tune``.
+OOF_PROBS_DIR = "oof_probs"
+KAGGLE_WORKING = Path("/kaggle/working")
+# The input settings every model of an ensemble must share: they decide what a sample is.
+INPUT_KEYS = ("n_slices", "slice_stride", "img_size", "resize_mode")
+# TTA views: the tensor dimensions each flip reverses (on (N, C, H, W)).
+FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,)}
+
+# gitract.model (smp, timm, torchvision) and gitract.dataset (albumentations) are imported
+# where they are used: the empty public re-run and bad-input errors then answer in the time
+# torch alone takes to import, without the ~3 s of the model stack.
+
+
+def default_output_path(kaggle_root: Path = KAGGLE_WORKING) -> Path:
+    """``/kaggle/working/submission.csv`` in a Kaggle kernel, else ``submissions/``."""
+    if kaggle_root.is_dir() and KAGGLE_INPUT.parent.is_dir():
+        return kaggle_root / "submission.csv"
+    return Path("submissions/submission.csv")
+
+
+def find_checkpoints(runs: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
+    """``best.pt`` of each listed fold under ``runs`` (``runs/fold<N>/best.pt``), or every
+    ``best.pt`` below ``runs`` when no folds are given."""
+    runs = Path(runs)
+    if folds:
+        paths = [runs / f"fold{fold}" / "best.pt" for fold in folds]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"no checkpoint for the requested folds: {', '.join(missing)}")
+        return paths
+    paths = sorted(runs.rglob("best.pt"))
+    if not paths:
+        raise CheckpointError(
+            f"no best.pt under {runs}: train first (python scripts/train.py --fold 0) "
+            "or point --runs at a runs/<config name> folder"
+        )
+    return paths
+
+
+@dataclass
+class Ensemble:
+    """Models of one recipe's folds; ``predict`` averages their sigmoid outputs over TTA."""
+
+    models: list[nn.Module]
+    configs: list[Config]
+    device: torch.device
+    tta_flips: tuple[str, ...] = ()
+    amp: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        self.tta_flips = tuple(self.tta_flips)
+        unknown = [name for name in self.tta_flips if name not in FLIP_DIMS]
+        if unknown:
+            raise ConfigError(
+                f"infer.tta_flips: unknown flip {unknown[0]!r}; expected some of {list(FLIP_DIMS)}"
+            )
+        if not self.models or len(self.models) != len(self.configs):
+            raise CheckpointError(
+                f"an ensemble needs at least one model and one config per model; got "
+                f"{len(self.models)} models and {len(self.configs)} configs"
+            )
+
+    @classmethod
+    def load(
+        cls, paths: Sequence[Path], device: torch.device, tta_flips: Sequence[str] = ()
+    ) -> Ensemble:
+        """Each model is rebuilt from the config stored in its own checkpoint."""
+        from gitract.model import load_checkpoint, load_model_from_checkpoint
+
+        if not paths:
+            raise CheckpointError("no checkpoints to ensemble")
+        models, configs = [], []
+        for path in paths:
+            model, cfg = load_model_from_checkpoint(load_checkpoint(path), source=str(path))
+            models.append(model.to(device).eval())
+            configs.append(cfg)
+        first = {k: getattr(configs[0].data, k) for k in INPUT_KEYS}
+        for path, cfg in zip(paths, configs, strict=True):
+            other = {k: getattr(cfg.data, k) for k in INPUT_KEYS}
+            if other != first:
+                raise CheckpointError(
+                    f"{path}: input settings {other} differ from {paths[0]}'s {first}; "
+                    "ensemble only folds of one recipe"
+                )
+        on_cuda = device.type == "cuda"
+        channels_last = on_cuda and configs[0].train.channels_last
+        if channels_last:
+            models = [m.to(memory_format=torch.channels_last) for m in models]
+        amp = on_cuda and configs[0].train.amp
+        return cls(models, configs, device, tuple(tta_flips), amp, channels_last)
+
+    @property
+    def data_config(self) -> DataConfig:
+        return self.configs[0].data
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean sigmoid probability over models and views (identity plus each flip, each
+        flipped back), as float32 (N, 3, H, W) on the ensemble's device."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
+        views = [()] + [FLIP_DIMS[name] for name in self.tta_flips]
+        total = None
+        for model in self.models:
+            for flip in views:
+                x = images.flip(flip) if flip else images
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                    logits = model(x)
+                probs = torch.sigmoid(logits.float())
+                probs = probs.flip(flip) if flip else probs
+                total = probs if total is None else total + probs
+        return total / (len(self.models) * len(views))
+
+
+def load_postprocess(runs: Path | None, infer: InferConfig) -> tuple[list[float], list[int]]:
+    """Thresholds and minimum component sizes: tuned ones from ``runs/postprocess.json`` if
+    ``evaluate.py --tune`` wrote them, else the config's."""
+    path = None if runs is None else Path(runs) / POSTPROCESS_FILE
+    if path is None or not path.is_file():
+        return list(infer.thresholds), list(infer.min_component_size)
+    try:
+        tuned = json.loads(path.read_text())
+        thresholds = [float(v) for v in tuned["thresholds"]]
+        min_sizes = [int(v) for v in tuned["min_component_size"]]
+    except (ValueError, TypeError, KeyError) as err:
+        detail = f"no key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise DataError(
+            f"{path}: not a tuned post-processing file ({detail}); delete it or rerun "
+            "scripts/evaluate.py --tune"
+        ) from None
+    n = len(CLASSES)
+    if len(thresholds) != n or not all(0 < t < 1 for t in thresholds):
+        raise DataError(f"{path}: 'thresholds' must be {n} values in (0, 1), got {thresholds}")
+    if len(min_sizes) != n or any(m < 0 for m in min_sizes):
+        raise DataError(f"{path}: 'min_component_size' must be {n} values >= 0, got {min_sizes}")
+    return thresholds, min_sizes
+
+
+def predict_probs(
+    ensemble: Ensemble,
+    table: pd.DataFrame,
+    cache: VolumeCache,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(id, probabilities)`` for every slice of ``table`` in its order, batch by batch:
+    float32 (3, H, W) at the slice's own size."""
+    from gitract.dataset import SliceDataset
+
+    dataset = SliceDataset(table, cache, ensemble.data_config)
+    loader = DataLoader(
+        dataset,
+        batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=ensemble.device.type == "cuda",
+    )
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        probs = ensemble.predict(batch["image"]).cpu().numpy()
+        for k, index in enumerate(batch["index"].tolist()):
+            yield dataset.ids[index], dataset.letterbox(index).invert(probs[k])
+
+
+def encode_predictions(
+    probs: Iterable[tuple[str, np.ndarray]],
+    thresholds: Sequence[float],
+    min_sizes: Sequence[int],
+) -> dict[tuple[str, str], str]:
+    """Threshold, clean and RLE-encode each slice as it arrives: ``{(id, class): rle}``."""
+    predictions: dict[tuple[str, str], str] = {}
+    for slice_id, slice_probs in probs:
+        masks = binarize(slice_probs, thresholds, min_sizes)
+        for name, mask in zip(CLASSES, masks, strict=True):
+            predictions[(slice_id, name)] = rle_encode(mask)
+    return predictions
+
+
+def read_sample_submission(path: Path) -> pd.DataFrame:
+    """``sample_submission.csv`` checked: columns, known classes, no duplicated rows."""
+    frame = read_csv_checked(path, ("id", "class"))
+    unknown = sorted(set(frame["class"]) - set(CLASSES))
+    if unknown:
+        line = int(np.flatnonzero(~frame["class"].isin(CLASSES))[0]) + 2
+        raise DataError(
+            f"{path}: line {line}: unknown class {unknown[0]!r} (expected one of {list(CLASSES)})"
+        )
+    duplicated = frame.duplicated(["id", "class"])
+    if duplicated.any():
+        line = int(np.flatnonzero(duplicated)[0]) + 2
+        row = frame.iloc[line - 2]
+        raise DataError(
+            f"{path}: line {line}: duplicated row (id {row['id']}, class {row['class']}); "
+            f"{int(duplicated.sum())} duplicates in all"
+        )
+    return frame
+
+
+def write_submission(
+    sample: pd.DataFrame, predictions: dict[tuple[str, str], str], out: Path
+) -> pd.DataFrame:
+    """Fill ``sample``'s rows, in its order, and write ``id,class,predicted`` atomically."""
+    submission = sample[["id", "class"]].copy()
+    submission["predicted"] = [
+        predictions[key] for key in zip(submission["id"], submission["class"], strict=True)
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        submission.to_csv(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return submission
+
+
+def infer_test(
+    infer: InferConfig,
+    data_dir: Path,
+    runs: Path,
+    folds: Sequence[int] | None = None,
+    out: Path | None = None,
+    device: torch.device | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
+
+    An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
+    header-only submission at once, without loading any model."""
+    out = Path(out) if out is not None else default_output_path()
+    sample_path = data_dir / "sample_submission.csv"
+    sample = read_sample_submission(sample_path)
+    if sample.empty:
+        write_submission(sample, {}, out)
+        return out
+    images = scan_images(data_dir / "test")
+    wanted = sample["id"].drop_duplicates()
+    missing = wanted[~wanted.isin(images["id"])]
+    if len(missing):
+        raise DataError(
+            f"{sample_path}: {len(missing)} id(s) have no image under {data_dir / 'test'}, "
+            f"e.g. {', '.join(missing.iloc[:3])}"
+        )
+    # Whole case-days go into the cache: a 2.5D sample needs its neighbours too.
+    days = images.loc[images["id"].isin(wanted), "case_day"].unique()
+    table = images[images["case_day"].isin(days)]
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensemble = Ensemble.load(find_checkpoints(runs, folds), device, infer.tta_flips)
+    thresholds, min_sizes = load_postprocess(runs, infer)
+    cache = VolumeCache(table, cache_dir, with_masks=False, progress=progress)
+    targets = table[table["id"].isin(wanted)]
+    probs = predict_probs(ensemble, targets, cache, infer.batch_size, num_workers, progress)
+    write_submission(sample, encode_predictions(probs, thresholds, min_sizes), out)
+    return out
+
+
+def _save_volume_probs(folder: Path, case_day: str, ids: list[str], probs: list) -> None:
+    """One case-day's probabilities as uint8 (D, 3, H, W) in a compressed .npz, for tuning."""
+    stacked = np.stack([np.rint(p * 255).astype(np.uint8) for p in probs])
+    # Not named *.npz, so that a leftover temp file is never taken for a volume by the tuner.
+    tmp = folder / f".{case_day}.npz.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids))
+        os.replace(tmp, folder / f"{case_day}.npz")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def infer_oof(
+    cfg: Config,
+    data_dir: Path,
+    runs: Path,
+    folds_csv: Path,
+    folds: Sequence[int] | None = None,
+    out: Path | None = None,
+    device: torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Out-of-fold predictions: fold N's validation slices by fold N's model alone.
+
+    Writes an ``id,class,predicted`` CSV (default ``<runs>/oof.csv``) and each case-day's
+    probabilities under ``<runs>/oof_probs/``, which ``evaluate.py --tune`` searches."""
+    from gitract.data import load_train_table
+    from gitract.folds import load_folds
+
+    table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
+    known = sorted(table["fold"].unique().tolist())
+    folds = list(folds) if folds else known
+    unknown = [f for f in folds if f not in known]
+    if unknown:
+        raise DataError(f"{folds_csv}: there is no fold {unknown[0]}; its folds are {known}")
+    checkpoints = {fold: find_checkpoints(runs, [fold]) for fold in folds}  # all, before any work
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Always the config's post-processing, never the tuned one: thresholds tuned on these very
+    # predictions would make the OOF score optimistic (evaluate.py --tune reports that score).
+    thresholds, min_sizes = list(cfg.infer.thresholds), list(cfg.infer.min_component_size)
+    # The training cache has the masks too; reusing it avoids decoding the PNGs again.
+    cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
+    probs_dir = runs / OOF_PROBS_DIR
+    probs_dir.mkdir(parents=True, exist_ok=True)
+    table = table.sort_values(["case", "day", "slice"], kind="stable")
+    predictions: dict[tuple[str, str], str] = {}
+    for fold in folds:
+        ensemble = Ensemble.load(checkpoints[fold], device, cfg.infer.tta_flips)
+        val = table[table["fold"] == fold]
+        day_of = dict(zip(val["id"], val["case_day"], strict=True))
+        stream = predict_probs(
+            ensemble, val, cache, cfg.infer.batch_size, num_workers, progress=progress
+        )
+        # Slices arrive in slice order, one case-day after the other: each day's probabilities
+        # are saved, then encoded, then dropped, so memory holds one volume at a time.
+        for case_day, group in itertools.groupby(stream, key=lambda item: day_of[item[0]]):
+            ids, probs = zip(*group, strict=True)
+            _save_volume_probs(probs_dir, case_day, list(ids), list(probs))
+            pairs = zip(ids, probs, strict=True)
+            predictions.update(encode_predictions(pairs, thresholds, min_sizes))
+    rows = table[table["fold"].isin(folds)]
+    sample = pd.DataFrame(
+        [(i, name) for i in rows["id"] for name in CLASSES], columns=["id", "class"]
+    )
+    out = out or runs / "oof.csv"
+    write_submission(sample, predictions, out)
+    return out

@@ -1,0 +1,61 @@
+"""Predict a submission with the ensemble of trained folds.
+
+    python scripts/infer.py [--config C] [--data-dir D] [--runs R] [--folds 0 1] [--out FILE]
+    python scripts/infer.py --oof [--fold N]     # out-of-fold predictions of the train set
+
+The submission has exactly sample_submission.csv's rows in its order; it goes to
+submissions/submission.csv, or /kaggle/working/submission.csv in a Kaggle kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gitract.cli import run_main
+from gitract.config import load_config
+from gitract.data import resolve_data_dir
+from gitract.inference import infer_oof, infer_test
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML config (infer:)")
+    parser.add_argument("--data-dir", help="competition data folder")
+    parser.add_argument("--runs", help="trained folds (default: runs/<config name>)")
+    parser.add_argument("--folds", type=int, nargs="+", help="folds to ensemble (default: all)")
+    parser.add_argument("--out", help="output CSV")
+    parser.add_argument("--oof", action="store_true", help="out-of-fold predictions instead")
+    parser.add_argument("--fold", type=int, help="with --oof: only this fold")
+    parser.add_argument("--folds-csv", help="with --oof: folds file (default: data.folds_csv)")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = load_config(args.config, args.overrides)
+    data_dir = resolve_data_dir(args.data_dir, cfg.data.root)
+    runs = Path(args.runs) if args.runs else Path(cfg.train.out_dir) / cfg.name
+    out = Path(args.out) if args.out else (Path(cfg.infer.out) if cfg.infer.out else None)
+    progress = not args.no_progress
+    workers = cfg.data.num_workers  # 0 reads slices in the main process (fine on a CPU)
+    if args.oof:
+        folds = [args.fold] if args.fold is not None else args.folds
+        folds_csv = Path(args.folds_csv or cfg.data.folds_csv)
+        path = infer_oof(
+            cfg, data_dir, runs, folds_csv, folds, out, num_workers=workers, progress=progress
+        )
+    else:
+        path = infer_test(
+            cfg.infer, data_dir, runs, args.folds, out, cache_dir=cfg.data.cache_dir,
+            num_workers=workers, progress=progress,
+        )  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,291 @@
+"""Local scoring (scripts/evaluate.py) against a brute-force reference of the competition metric,
+and the post-processing search on out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from gitract.data import CLASSES, load_train_table
+from gitract.errors import ConfigError, DataError
+from gitract.evaluation import evaluate_submission
+from gitract.metrics import competition_score
+from gitract.rle import rle_encode
+from gitract.tuning import tune_postprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
+LAYOUT = [(1, 0, 4, 48, 40), (2, 0, 3, 44, 44), (3, 1, 5, 40, 40), (4, 2, 1, 40, 40)]
+TEST_LAYOUT = [(99, 0, 3, 40, 30)]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _brute_hausdorff(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """All-pairs symmetric Hausdorff on (z/D, y/H, x/W) coordinates, / sqrt(3)."""
+    if not pred.any() and not truth.any():
+        return None
+    if not pred.any() or not truth.any():
+        return 1.0
+    scale = np.asarray(pred.shape, dtype=float)
+    p = np.argwhere(pred) / scale
+    t = np.argwhere(truth) / scale
+    dist = np.sqrt(((p[:, None, :] - t[None, :, :]) ** 2).sum(-1))
+    return max(dist.min(1).max(), dist.min(0).max()) / math.sqrt(3)
+
+
+def _brute_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else 2.0 * (pred & truth).sum() / total
+
+
+def _reference(
+    pred: dict[tuple[str, str], np.ndarray], truth: dict[tuple[str, str], np.ndarray]
+) -> dict[str, float]:
+    """The score by definition: Dice per (id, class); Hausdorff per (case_day, class) volume."""
+    dice = {c: [] for c in CLASSES}
+    hd = {c: [] for c in CLASSES}
+    days = sorted({i.rsplit("_slice_", 1)[0] for i, _ in truth})
+    for day in days:
+        ids = sorted({i for i, _ in truth if i.rsplit("_slice_", 1)[0] == day})
+        for c in CLASSES:
+            p = np.stack([pred[(i, c)] for i in ids]).astype(bool)
+            t = np.stack([truth[(i, c)] for i in ids]).astype(bool)
+            dice[c] += [_brute_dice(a, b) for a, b in zip(p, t, strict=True)]
+            distance = _brute_hausdorff(p, t)
+            if distance is not None:
+                hd[c].append(distance)
+    all_dice = np.mean([d for c in CLASSES for d in dice[c]])
+    all_hd = [h for c in CLASSES for h in hd[c]]
+    mean_hd = float(np.mean(all_hd)) if all_hd else 0.0
+    out = {"score": 0.4 * all_dice + 0.6 * (1 - mean_hd), "dice": all_dice, "hausdorff": mean_hd}
+    for c in CLASSES:
+        out[f"dice_{c}"] = float(np.mean(dice[c]))
+        out[f"hausdorff_{c}"] = float(np.mean(hd[c])) if hd[c] else 0.0
+    out["n_volumes"] = len(all_hd)
+    return out
+
+
+def _perturb(truth: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """A prediction with every kind of error: shifted, missing slices, stray specks, a class
+    absent from a whole volume, and a speck in a volume whose truth is empty."""
+    pred = {}
+    for sid, mask in truth.items():
+        day, number = sid.rsplit("_slice_", 1)
+        number = int(number)
+        for k, c in enumerate(CLASSES):
+            m = mask[..., k].copy()
+            if c == "large_bowel":
+                m = np.roll(m, (2, -3), axis=(0, 1))
+            elif c == "small_bowel":
+                if number == 2:
+                    m[:] = 0
+                if number == 3:
+                    m[-2, -2] = 1  # a far-away speck
+            elif day == "case2_day0":
+                m[:] = 0  # stomach missed in a whole volume: Hausdorff 1
+            elif day == "case3_day1":
+                m = cv2.dilate(m, np.ones((3, 3), np.uint8))
+            if day == "case4_day2" and c == "stomach":
+                m[5, 7] = 1  # truth is empty there
+            pred[(sid, c)] = m
+    return pred
+
+
+@pytest.fixture
+def scored(make_tiny_kaggle, tmp_path):
+    """A tiny data set and a shuffled, imperfect submission for all its train slices."""
+    tiny = make_tiny_kaggle("ev", layout=LAYOUT, test_layout=TEST_LAYOUT)
+    pred = _perturb(tiny.masks)
+    rows = [(i, c, rle_encode(m)) for (i, c), m in pred.items()]
+    sub = pd.DataFrame(rows, columns=["id", "class", "predicted"]).sample(frac=1, random_state=3)
+    path = tmp_path / "sub.csv"
+    sub.to_csv(path, index=False)
+    truth = {(i, c): tiny.masks[i][..., k] for i in tiny.masks for k, c in enumerate(CLASSES)}
+    return tiny, path, pred, truth
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_evaluate_script_matches_the_brute_force_reference(scored) -> None:
+    tiny, path, pred, truth = scored
+    result = _run("--submission", str(path), "--data-dir", str(tiny.root))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON object, nothing else on stdout
+    got = json.loads(lines[0])
+    want = _reference(pred, truth)
+    for key in ("score", "dice", "hausdorff") + tuple(
+        f"{m}_{c}" for m in ("dice", "hausdorff") for c in CLASSES
+    ):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    # 12 volumes; case4_day2 (one empty slice) has two that are empty on both sides.
+    assert got["n_volumes"] == want["n_volumes"] == 10
+    assert got["n_rows"] == 3 * len(tiny.masks)
+    # Every kind of error costs something, and the pieces add up to the score.
+    assert 0 < got["hausdorff"] < 1 and 0 < got["dice"] < 1
+    assert got["score"] == pytest.approx(0.4 * got["dice"] + 0.6 * (1 - got["hausdorff"]))
+
+
+def test_perfect_submission_scores_one(tiny_kaggle, tmp_path) -> None:
+    train = pd.read_csv(tiny_kaggle.train_csv, dtype=str, keep_default_na=False)
+    path = tmp_path / "perfect.csv"
+    train.rename(columns={"segmentation": "predicted"}).to_csv(path, index=False)
+    assert evaluate_submission(path, tiny_kaggle.root)["score"] == pytest.approx(1.0)
+
+
+def test_oof_style_submission_is_scored_on_its_case_days_only(scored, tmp_path) -> None:
+    tiny, _, pred, truth = scored
+    ids = tiny.ids("case3_day1")
+    part = tmp_path / "one_day.csv"
+    rows = [(i, c, rle_encode(pred[(i, c)])) for i in ids for c in CLASSES]
+    pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(part, index=False)
+    got = evaluate_submission(part, tiny.root)
+    want = _reference(
+        {k: v for k, v in pred.items() if k[0] in ids},
+        {k: v for k, v in truth.items() if k[0] in ids},
+    )
+    assert got["n_rows"] == 3 * len(ids)
+    assert got["score"] == pytest.approx(want["score"], abs=1e-9)
+
+
+def test_test_submission_is_scored_against_explicit_labels(scored, tmp_path) -> None:
+    """Test slices (360x310-like, non-square 40 wide x 30 high) get their sizes from test/."""
+    tiny, _, _, _ = scored
+    rng = np.random.default_rng(1)
+    truth, pred = {}, {}
+    for i in tiny.test_ids:
+        for c in CLASSES:
+            t = np.zeros((30, 40), np.uint8)
+            t[5:12, 20:35] = 1
+            truth[(i, c)] = t
+            pred[(i, c)] = np.roll(t, int(rng.integers(-3, 4)), axis=1)
+    labels, sub = tmp_path / "test_labels.csv", tmp_path / "test_sub.csv"
+    rows = [(i, c, rle_encode(m)) for (i, c), m in truth.items()]
+    pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(labels, index=False)
+    rows = [(i, c, rle_encode(m)) for (i, c), m in pred.items()]
+    pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(sub, index=False)
+    got = evaluate_submission(sub, tiny.root, labels)
+    assert got["score"] == pytest.approx(_reference(pred, truth)["score"], abs=1e-9)
+    # Without labels a test submission cannot be scored: say so, and how to fix it.
+    with pytest.raises(DataError, match=r"none of its case-days is in .*train\.csv.*--labels"):
+        evaluate_submission(sub, tiny.root)
+
+
+@pytest.mark.parametrize("fault", ["bad_rle", "missing_row"])
+def test_evaluate_script_bad_submission_is_a_one_line_error(scored, tmp_path, fault) -> None:
+    tiny, path, _, _ = scored
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if fault == "bad_rle":
+        row = sub.index[sub["predicted"] != ""][0]
+        sub.loc[row, "predicted"] = "5 x"
+        culprit = [sub.loc[row, "id"], sub.loc[row, "class"]]
+    else:
+        culprit = ["lacks 1 labelled", sub["id"].iloc[0]]
+        sub = sub.iloc[1:]
+    bad = tmp_path / f"{fault}.csv"
+    sub.to_csv(bad, index=False)
+    result = _run("--submission", str(bad), "--data-dir", str(tiny.root))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(bad) in lines[0]
+    for word in culprit:
+        assert word in lines[0]
+
+
+def test_unreadable_submission_names_the_file(tmp_path, tiny_kaggle) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: empty file"):
+        evaluate_submission(empty, tiny_kaggle.root)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("id,class,segmentation\n")
+    with pytest.raises(DataError, match=r"wrong\.csv: missing column\(s\) \['predicted'\]"):
+        evaluate_submission(wrong, tiny_kaggle.root)
+
+
+# --------------------------------------------------------------------------- tuning
+
+
+TRUTH_P, RING_P, SPECK_P = 0.45, 0.35, 0.9
+
+
+def _oof_probs(tiny, folder: Path) -> None:
+    """Probabilities where only threshold 0.4 with a minimum size is perfect: the truth at
+    0.45, a one-pixel ring around it at 0.35, and a 4-pixel speck at 0.9 on each empty
+    first slice. Saved the way infer.py --oof saves them (uint8 of p * 255)."""
+    folder.mkdir()
+    for case, day, n, _, _ in LAYOUT:
+        ids = [f"case{case}_day{day}_slice_{z:04d}" for z in range(1, n + 1)]
+        vol = []
+        for sid in ids:
+            truth = tiny.masks[sid].transpose(2, 0, 1).astype(np.float32)  # (3, H, W)
+            ring = np.stack([cv2.dilate(t, np.ones((3, 3), np.uint8)) for t in truth]) - truth
+            p = TRUTH_P * truth + RING_P * ring
+            if not truth.any():
+                p[:, 0:2, 0:2] = SPECK_P
+            vol.append(np.rint(p * 255).astype(np.uint8))
+        np.savez_compressed(folder / f"case{case}_day{day}.npz", probs=np.stack(vol), ids=ids)
+    (folder / ".case9_day9.npz.123.tmp").write_bytes(b"partial")  # a crashed write: ignored
+
+
+def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggle, tmp_path):
+    tiny = make_tiny_kaggle("tune", layout=LAYOUT, test_layout=[])
+    _oof_probs(tiny, tmp_path / "oof_probs")
+    table = load_train_table(tiny.root, exclude=())
+    result = tune_postprocess(tmp_path / "oof_probs", table, progress=False)
+    assert result["thresholds"] == [0.4, 0.4, 0.4]
+    # 25 removes the specks; 100 would also remove small_bowel's ellipses (< 100 pixels).
+    assert result["min_component_size"][1] == 25
+    assert all(m in (25, 100) for m in result["min_component_size"])
+    assert result["score"] == pytest.approx(1.0)
+    assert result["n_case_days"] == len(LAYOUT) and result["n_slices"] == len(tiny.masks)
+
+    # The baseline (0.5, no removal) is exactly what the metric gives those masks.
+    rows = []
+    for case, day, *_ in LAYOUT:
+        with np.load(tmp_path / "oof_probs" / f"case{case}_day{day}.npz") as saved:
+            probs, ids = saved["probs"], saved["ids"].tolist()
+        for sid, p in zip(ids, probs, strict=True):
+            rows += [(sid, c, rle_encode((p[k] / 255 > 0.5).astype(np.uint8))) for k, c in
+                     enumerate(CLASSES)]  # fmt: skip
+    sub = pd.DataFrame(rows, columns=["id", "class", "predicted"])
+    labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
+    baseline = competition_score(sub, labels, table[["id", "height", "width"]])["score"]
+    assert result["baseline_score"] == pytest.approx(baseline, abs=1e-12)
+    assert result["baseline_score"] < result["score"]
+
+    # A grid without (0.5, 0) still reports the same baseline, and picks only from the grid.
+    small = tune_postprocess(tmp_path / "oof_probs", table, [0.3, 0.6], [25], progress=False)
+    assert small["thresholds"] == [0.3, 0.3, 0.3] or small["thresholds"] == [0.6, 0.6, 0.6]
+    assert small["min_component_size"] == [25, 25, 25]
+    assert small["baseline_score"] == pytest.approx(baseline, abs=1e-12)
+    with pytest.raises(
+        ConfigError, match=r"thresholds must be values in \(0, 1\), got \[0.5, 1.5\]"
+    ):
+        tune_postprocess(tmp_path / "oof_probs", table, [0.5, 1.5], [0], progress=False)
+
+
+def test_tuning_without_oof_probabilities_says_what_to_run(tmp_path, tiny_kaggle) -> None:
+    table = load_train_table(tiny_kaggle.root, exclude=())
+    with pytest.raises(DataError, match=r"no OOF probabilities; run scripts/infer.py --oof"):
+        tune_postprocess(tmp_path / "nothing", table, progress=False)
