@@ -25,5 +25,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        # A writer killed mid-save (kill -9) leaves its temp file behind, as big as a
+        # checkpoint; the next successful save sweeps such leftovers away.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)

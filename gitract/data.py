@@ -328,7 +328,16 @@ def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     the file is wrong, and masks decoded at the named size would not line up.
     """
     path = Path(path)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        buffer = np.fromfile(path, dtype=np.uint8)
+    except OSError:
+        raise DataError(f"{path}: {_diagnose_unreadable(path)}") from None
+    # libpng reports a truncated file on stderr itself ("libpng error: Read Error"), which
+    # would break the one-line error: check the PNG's first and last bytes before decoding.
+    head, tail = buffer[: len(_PNG_SIGNATURE)], buffer[len(buffer) - len(_PNG_TRAILER) :]
+    if head.tobytes() != _PNG_SIGNATURE or tail.tobytes() != _PNG_TRAILER:
+        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DataError(f"{path}: {_diagnose_unreadable(path)}")
     if image.dtype != np.uint16 or image.ndim != 2:

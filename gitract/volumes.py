@@ -67,8 +67,11 @@ def _cache_key(group: pd.DataFrame, with_masks: bool) -> str:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class VolumeCache:
@@ -121,13 +124,16 @@ class VolumeCache:
             # cv2 releases the GIL while decoding, so threads do overlap here.
             images = list(pool.map(lambda r: read_slice(r["path"], (height, width)), rows))
         volume = np.stack(images)
+        # Decode the masks before writing anything: a bad RLE must not leave half an entry.
+        packed = None
+        if self.with_masks:
+            bits = np.stack([slice_mask(r) for r in rows])  # (D, H, W, 3) of 0/1
+            packed = (bits * np.array([1, 2, 4], np.uint8)).sum(axis=-1, dtype=np.uint8)
         lo, hi = np.percentile(volume[:, ::2, ::2], PERCENTILES)
         image_file = stem.with_suffix(".u16")
         _atomic_write_bytes(image_file, volume.astype("<u2").tobytes())
         mask_file = None
-        if self.with_masks:
-            bits = np.stack([slice_mask(r) for r in rows])  # (D, H, W, 3) of 0/1
-            packed = (bits * np.array([1, 2, 4], np.uint8)).sum(axis=-1, dtype=np.uint8)
+        if packed is not None:
             mask_file = stem.with_suffix(".mask.u8")
             _atomic_write_bytes(mask_file, packed.tobytes())
         info = VolumeInfo(
