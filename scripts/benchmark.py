@@ -1,0 +1,503 @@
+"""Measure gitract against naive baselines, side by side in one process; print ratios.
+
+    python scripts/benchmark.py [--quick] [--json FILE] [--keep DIR]
+
+Each result is a ratio, so it means the same on a slow or a busy machine:
+
+- rle_decode_speedup: gitract.rle.rle_decode vs a decoder looping over runs in Python, on the
+  real annotations (../shared/real/uwmgi_annotations_subset.csv; synthetic masks if absent).
+- loader_speedup: 2.5D training samples/s (train augmentations on, default.yaml's data and
+  train sections: 320x384) of SliceDataset over VolumeCache vs a loader that reads the three
+  PNGs of every sample; one process, one thread: samples/s per core.
+- data_wait_fraction: share of a demo_cpu training epoch spent waiting for batches with the
+  default num_workers.
+- inference_efficiency: end-to-end slices/s of gitract.inference.infer_test (reading,
+  resizing, TTA, RLE, CSV) / model-only slices/s (Ensemble.predict on pre-built batches).
+- metric_speedup: gitract.metrics.hausdorff_3d vs pairwise scipy directed_hausdorff on
+  synthetic OOF-like volumes (values must agree).
+- memory_growth: peak RSS of a demo_cpu training epoch (scripts/train.py, fresh process) on
+  4N slices / on N slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from gitract.cli import run_main
+from gitract.config import load_config
+from gitract.data import load_train_table, scan_images
+from gitract.dataset import SliceDataset, build_train_transform
+from gitract.inference import Ensemble, find_checkpoints, infer_test
+from gitract.metrics import hausdorff_3d
+from gitract.naive import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode
+from gitract.rle import rle_decode, rle_encode
+from gitract.synthetic import generate
+from gitract.volumes import VolumeCache
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_ANNOTATIONS = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"
+DEFAULT_CFG = ROOT / "configs" / "default.yaml"
+DEMO_CFG = ROOT / "configs" / "demo_cpu.yaml"
+
+# Target per key, and whether a result must be at least (">=") or at most ("<=") the target.
+TARGETS: dict[str, tuple[str, float]] = {
+    "rle_decode_speedup": (">=", 5.0),
+    "loader_speedup": (">=", 3.0),
+    "data_wait_fraction": ("<=", 0.05),
+    "inference_efficiency": (">=", 0.85),
+    "metric_speedup": (">=", 10.0),
+    "memory_growth": ("<=", 1.3),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is; ``--quick`` shrinks everything."""
+
+    rle_rounds: int
+    loader_cases: int
+    loader_slices: int
+    loader_samples: int
+    train_cases: int  # N slices ~ train_cases x train_slices x 2.3 days; 4N uses 4x the cases
+    train_slices: int
+    metric_volumes: int
+    metric_shape: tuple[int, int, int]
+    train_overrides: tuple[str, ...] = ()
+
+
+FULL = Sizes(5, 3, 32, 120, 4, 32, 274, (144, 266, 266))
+QUICK = Sizes(2, 2, 12, 16, 3, 8, 12, (48, 96, 96), ("data.img_size=[64, 64]",))
+
+
+def best_rate(fn: Callable[[], int], rounds: int) -> float:
+    """Items per second of ``fn`` (which returns how many items it did), best of ``rounds``:
+    the minimum is the least disturbed by whatever else the machine is doing."""
+    best = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        n = fn()
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One core's worth of work: no intra-op threads in torch or OpenCV."""
+    torch_threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv_threads)
+
+
+# ------------------------------------------------------------------------------------ RLE
+
+
+def _synthetic_annotations(n: int = 3000) -> list[tuple[str, int, int]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        h, w = (310, 360) if rng.random() < 0.2 else (266, 266)
+        yy, xx = np.ogrid[:h, :w]
+        cy, cx, ry, rx = (
+            rng.uniform(0.3, 0.7) * h,
+            rng.uniform(0.3, 0.7) * w,
+            *rng.uniform(8, 40, 2),
+        )
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        rows.append((rle_encode(mask), h, w))
+    return rows
+
+
+def bench_rle(sizes: Sizes) -> dict[str, Any]:
+    if REAL_ANNOTATIONS.is_file():
+        frame = pd.read_csv(REAL_ANNOTATIONS, dtype={"segmentation": str}, keep_default_na=False)
+        frame = frame[frame["segmentation"] != ""]
+        rows = list(zip(frame["segmentation"], frame["height"], frame["width"], strict=True))
+        source = f"real ({REAL_ANNOTATIONS.name})"
+    else:
+        rows = _synthetic_annotations()
+        source = "synthetic (real annotations absent)"
+    for rle, h, w in rows[:200]:  # same masks, or the comparison means nothing
+        assert np.array_equal(rle_decode(rle, (h, w)), naive_rle_decode(rle, (h, w)))
+
+    def run(decode: Callable[[str, tuple[int, int]], np.ndarray]) -> Callable[[], int]:
+        def go() -> int:
+            for rle, h, w in rows:
+                decode(rle, (h, w))
+            return len(rows)
+
+        return go
+
+    # Interleaved rounds: both decoders see the same background load.
+    fast = naive = 0.0
+    for _ in range(sizes.rle_rounds):
+        fast = max(fast, best_rate(run(rle_decode), 1))
+        naive = max(naive, best_rate(run(naive_rle_decode), 1))
+    masks = [(rle_decode(rle, (h, w))) for rle, h, w in rows]
+    pixels = sum(m.size for m in masks)
+
+    def encode_all() -> int:
+        for mask in masks:
+            rle_encode(mask)
+        return len(masks)
+
+    encode = best_rate(encode_all, sizes.rle_rounds)
+    runs = np.mean([len(r.split()) / 2 for r, _, _ in rows])
+    return {
+        "rle_decode_speedup": fast / naive,
+        "rle_decode_per_s": fast,
+        "rle_decode_naive_per_s": naive,
+        "rle_encode_per_s": encode,
+        "rle_encode_mpix_per_s": encode * pixels / len(masks) / 1e6,
+        "rle_masks": len(rows),
+        "rle_mean_runs": float(runs),
+        "rle_source": source,
+    }
+
+
+# --------------------------------------------------------------------------------- loader
+
+
+def bench_loader(sizes: Sizes, work: Path) -> dict[str, Any]:
+    data = work / "loader_data"
+    generate(data, work / "loader_labels", sizes.loader_cases, sizes.loader_slices, seed=11)
+    cfg = load_config(DEFAULT_CFG, ["model.encoder_weights=null"])
+    table = load_train_table(data, cfg.data.exclude)
+    start = time.perf_counter()
+    cache = VolumeCache(table, work / "loader_cache", with_masks=True, progress=False)
+    build_s = time.perf_counter() - start
+    fast_ds = SliceDataset(table, cache, cfg.data, build_train_transform(cfg.train))
+    naive_ds = NaiveSliceDataset(table, cfg.data, build_train_transform(cfg.train))
+    fast_ds.transform.set_random_seed(0)
+    naive_ds.transform.set_random_seed(0)
+    rng = random.Random(0)
+    picks = [rng.randrange(len(table)) for _ in range(sizes.loader_samples)]
+
+    def run(dataset: Any) -> Callable[[], int]:
+        def go() -> int:
+            for index in picks:
+                dataset[index]
+            return len(picks)
+
+        return go
+
+    fast = naive = fast_plain = naive_plain = 0.0
+    with single_thread():
+        for _ in range(3):
+            fast = max(fast, best_rate(run(fast_ds), 1))
+            naive = max(naive, best_rate(run(naive_ds), 1))
+        # The same without augmentations: what the loaders themselves cost.
+        fast_ds.transform = naive_ds.transform = None
+        for _ in range(2):
+            fast_plain = max(fast_plain, best_rate(run(fast_ds), 1))
+            naive_plain = max(naive_plain, best_rate(run(naive_ds), 1))
+    return {
+        "loader_speedup_without_aug": fast_plain / naive_plain,
+        "loader_samples_per_s_per_core_without_aug": fast_plain,
+        "loader_naive_samples_per_s_per_core_without_aug": naive_plain,
+        "loader_speedup": fast / naive,
+        "loader_samples_per_s_per_core": fast,
+        "loader_naive_samples_per_s_per_core": naive,
+        "loader_img_size": list(cfg.data.img_size),
+        "loader_cache_build_s": build_s,
+        "loader_slices": len(table),
+    }
+
+
+# ------------------------------------------------------------------ training (subprocesses)
+
+
+def _peak_rss_run(cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
+    """Run ``cmd``; return its peak RSS in bytes and its wall time. The peak is wait4's
+    ``ru_maxrss`` of that child: the largest process of its tree (DataLoader workers
+    included), and of this child only, unlike RUSAGE_CHILDREN. A failure stops the benchmark."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return usage.ru_maxrss * 1024, elapsed
+
+
+def _train_set(work: Path, name: str, cases: int, slices: int) -> tuple[Path, Path, int]:
+    from gitract.folds import create_folds_file
+
+    data = work / name
+    summary = generate(data, work / f"{name}_labels", cases, slices, seed=5)
+    folds_csv = work / f"{name}_folds.csv"
+    n_splits = min(4, len(summary.train_cases))
+    folds = create_folds_file(data, folds_csv, n_splits=n_splits, seed=0)
+    return data, folds_csv, len(folds)
+
+
+def bench_training(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """memory_growth and data_wait_fraction from two demo_cpu epochs in fresh processes; the
+    larger run's model is what the inference benchmark loads."""
+    results: dict[str, Any] = {}
+    runs = {}
+    for label, factor in (("n", 1), ("4n", 4)):
+        data, folds_csv, n_slices = _train_set(
+            work, f"train_{label}", sizes.train_cases * factor, sizes.train_slices
+        )
+        out = work / f"runs_{label}"
+        cmd = [
+            sys.executable, str(ROOT / "scripts" / "train.py"), "--fold", "0",
+            "--config", str(DEMO_CFG), "--data-dir", str(data), "--folds-csv", str(folds_csv),
+            "--out-dir", str(out), "--no-progress",
+            "--set", "train.epochs=1", *sizes.train_overrides,
+        ]  # fmt: skip
+        env = {**os.environ, "GITRACT_CACHE_DIR": str(work / f"cache_{label}")}
+        rss, seconds = _peak_rss_run(cmd, env)
+        history = pd.read_csv(out / "demo_cpu" / "fold0" / "history.csv")
+        results[f"train_{label}_slices"] = n_slices
+        results[f"train_{label}_peak_rss_mb"] = rss / 2**20
+        results[f"train_{label}_seconds"] = seconds
+        results[f"train_{label}_data_wait"] = float(history["data_wait"].iloc[0])
+        runs[label] = (data, out / "demo_cpu")
+    results["memory_growth"] = results["train_4n_peak_rss_mb"] / results["train_n_peak_rss_mb"]
+    # The bigger epoch: worker start-up is a smaller share of it, as in a real epoch.
+    results["data_wait_fraction"] = results["train_4n_data_wait"]
+    results["data_wait_num_workers"] = load_config(DEMO_CFG).data.num_workers
+    results["_runs"] = runs
+    return results
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def bench_inference(data: Path, runs: Path, work: Path, device: torch.device) -> dict[str, Any]:
+    cfg = load_config(DEMO_CFG)
+    checkpoints = find_checkpoints(runs, [0])
+    sample = pd.read_csv(data / "sample_submission.csv")
+    n_slices = sample["id"].nunique()
+    suffix = "" if device.type == "cpu" else f"_{device.type}"
+
+    def end_to_end(run: int) -> float:
+        # A fresh cache each time: reading and decoding the PNGs is part of the work.
+        start = time.perf_counter()
+        out = infer_test(
+            cfg.infer, data, runs, [0], work / f"submission{suffix}.csv", device=device,
+            cache_dir=work / f"infer_cache{suffix}_{run}", num_workers=0, progress=False,
+        )  # fmt: skip
+        rate = n_slices / (time.perf_counter() - start)
+        assert len(pd.read_csv(out)) == len(sample)
+        return rate
+
+    # The first run pays the process's one-off costs (thread pools, kernel selection), which
+    # the model-only timing below does not; the later runs compare like with like.
+    cold = end_to_end(0)
+    warm = max(end_to_end(1), end_to_end(2))
+
+    # Model only: the same slices, batched beforehand, through Ensemble.predict.
+    ensemble = Ensemble.load(checkpoints, device, cfg.infer.tta_flips)
+    images = scan_images(data / "test")
+    cache = VolumeCache(images, work / f"infer_cache{suffix}_1", with_masks=False, progress=False)
+    dataset = SliceDataset(images, cache, ensemble.data_config)
+    stack = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    batches = list(stack.split(cfg.infer.batch_size))
+    ensemble.predict(batches[0])  # warm-up (allocator, first-call overheads)
+
+    def forward() -> int:
+        for batch in batches:
+            ensemble.predict(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(stack)
+
+    model_only = best_rate(forward, 2)
+    return {
+        f"inference_efficiency{suffix}": warm / model_only,
+        f"inference_efficiency_cold{suffix}": cold / model_only,
+        f"inference_slices_per_s{suffix}": warm,
+        f"inference_model_slices_per_s{suffix}": model_only,
+        f"inference_slices{suffix}": n_slices,
+    }
+
+
+# --------------------------------------------------------------------------------- metric
+
+
+def _ellipsoid(shape: tuple[int, int, int], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """A filled ellipsoid, computed only inside its bounding box."""
+    mask = np.zeros(shape, dtype=bool)
+    lo = np.maximum(np.floor(centre - radii).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + radii).astype(int) + 1, shape)
+    if np.any(hi <= lo):
+        return mask
+    grids = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True)) <= 1
+    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = inside
+    return mask
+
+
+def _oof_volumes(n: int, shape: tuple[int, int, int], seed: int) -> Iterator[tuple]:
+    """(truth, prediction) pairs like OOF ones. A truth organ is 1-3 overlapping ellipsoid
+    lobes of real organ sizes (a few tens of slices deep, 15-50 px across); the prediction is
+    each lobe shifted, grown or shrunk, sometimes with a stray blob (a far false positive),
+    sometimes empty (a missed organ)."""
+    rng = np.random.default_rng(seed)
+    dims = np.asarray(shape, dtype=float)
+    for _ in range(n):
+        truth = np.zeros(shape, dtype=bool)
+        pred = np.zeros(shape, dtype=bool)
+        missed = rng.random() < 0.05
+        centre = dims * rng.uniform(0.3, 0.7, 3)
+        for _lobe in range(int(rng.integers(1, 4))):
+            centre = centre + dims * rng.normal(0, 0.05, 3)
+            radii = dims * rng.uniform([0.08, 0.06, 0.06], [0.2, 0.15, 0.15])
+            truth |= _ellipsoid(shape, centre, radii)
+            if not missed:
+                shift = rng.normal(0, 2.0, 3)
+                pred |= _ellipsoid(shape, centre + shift, radii * rng.uniform(0.85, 1.15, 3))
+        if not missed and rng.random() < 0.2:
+            pred |= _ellipsoid(shape, dims * rng.uniform(0.1, 0.9, 3), dims * 0.02)
+        yield truth, pred
+
+
+def bench_metric(sizes: Sizes) -> dict[str, Any]:
+    fast_s = naive_s = 0.0
+    max_diff = 0.0
+    for truth, pred in _oof_volumes(sizes.metric_volumes, sizes.metric_shape, seed=3):
+        start = time.perf_counter()
+        fast = hausdorff_3d(pred, truth)
+        mid = time.perf_counter()
+        naive = naive_hausdorff_3d(pred, truth)
+        naive_s += time.perf_counter() - mid
+        fast_s += mid - start
+        assert (fast is None) == (naive is None)
+        if fast is not None:
+            max_diff = max(max_diff, abs(fast - naive))
+    assert max_diff < 1e-9, f"hausdorff_3d disagrees with the pairwise reference by {max_diff}"
+    return {
+        "metric_speedup": naive_s / fast_s,
+        "metric_volumes": sizes.metric_volumes,
+        "metric_volume_shape": list(sizes.metric_shape),
+        "metric_seconds": fast_s,
+        "metric_naive_seconds": naive_s,
+        "metric_max_abs_diff": max_diff,
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+    }
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, bool]:
+    met = {}
+    for key, (op, target) in TARGETS.items():
+        if key in results:
+            value = results[key]
+            met[key] = bool(value >= target if op == ">=" else value <= target)
+    return met
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'measure':<22} {'result':>9}  {'target':>8}  met", "-" * 48]
+    for key, (op, target) in TARGETS.items():
+        if key in results:
+            ok = "yes" if results["met"][key] else "NO"
+            lines.append(f"{key:<22} {results[key]:>9.3f}  {op}{target:>6g}  {ok}")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temp one)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["rle", "loader", "training", "metric"],
+        help="run only these parts (inference needs training)",
+    )
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    sizes = QUICK if args.quick else FULL
+    parts = set(args.only or ["rle", "loader", "training", "metric"])
+    results: dict[str, Any] = {"quick": args.quick, "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="gitract-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if "rle" in parts:
+            results.update(bench_rle(sizes))
+        if "loader" in parts:
+            results.update(bench_loader(sizes, work))
+        results["seconds_rle_loader"] = time.perf_counter() - started
+        if "training" in parts:
+            training = bench_training(sizes, work)
+            data, runs = training.pop("_runs")["4n"]
+            results.update(training)
+            results.update(bench_inference(data, runs, work, torch.device("cpu")))
+            if torch.cuda.is_available():
+                results.update(bench_inference(data, runs, work, torch.device("cuda")))
+        if "metric" in parts:
+            results.update(bench_metric(sizes))
+        results["seconds"] = time.perf_counter() - started
+    results["targets"] = {k: f"{op} {t:g}" for k, (op, t) in TARGETS.items()}
+    results["met"] = verdicts(results)
+    results = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+               for k, v in results.items()}  # fmt: skip
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp_json = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")
+        tmp_json.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp_json, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
