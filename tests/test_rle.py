@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.rle import RLEError, rle_decode, rle_encode
+from gitract.rle import RLEError, rle_decode, rle_decode_many, rle_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"
@@ -102,3 +102,33 @@ def test_malformed_rle_raises_named_error(rle: str, message: str) -> None:
 def test_encode_rejects_non_2d_mask() -> None:
     with pytest.raises(RLEError, match="2D mask"):
         rle_encode(np.zeros((2, 2, 3), np.uint8))
+
+
+def test_decode_many_equals_one_by_one() -> None:
+    rng = np.random.default_rng(3)
+    shape = (31, 17)
+    masks = [(rng.random(shape) < d).astype(np.uint8) for d in (0.0, 0.1, 0.6, 1.0, 0.3)]
+    rles: list[object] = [rle_encode(m) for m in masks] + [float("nan"), None, ""]
+    stack = rle_decode_many(rles, shape)
+    assert stack.shape == (8, 31, 17) and stack.dtype == np.uint8
+    for got, rle in zip(stack, rles, strict=True):
+        np.testing.assert_array_equal(got, rle_decode(rle, shape))
+    assert rle_decode_many([], shape).shape == (0, 31, 17)
+    # Unusual spacing takes the one-by-one path and still decodes.
+    np.testing.assert_array_equal(rle_decode_many([" 1  2\t"], (1, 4)), [[[1, 1, 0, 0]]])
+
+
+@pytest.mark.parametrize(
+    ("rles", "message"),
+    [
+        (["1 2", "19 3"], "run '19 3' ends at pixel 21, past the end"),  # would spill over
+        (["1 2", "5 1 2 1"], "run '2 1' is out of order"),
+        (["1 2", "0 1"], "start 0 < 1"),
+        (["1 2", "1 2 3"], "odd number of tokens (3)"),
+        (["1 x"], "non-integer token 'x'"),
+    ],
+)
+def test_decode_many_names_the_bad_string(rles: list[str], message: str) -> None:
+    with pytest.raises(RLEError) as info:
+        rle_decode_many(rles, (4, 5))
+    assert message in str(info.value)
