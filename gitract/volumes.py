@@ -24,6 +24,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gitract.data import CLASSES, read_slice, slice_mask
+from gitract.errors import DataError, RLEError
+from gitract.rle import rle_decode_many
 
 __all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir"]
 
@@ -115,8 +117,6 @@ class VolumeCache:
             return VolumeInfo(**fields)
         shapes = set(zip(group["height"], group["width"], strict=True))
         if len(shapes) != 1:
-            from gitract.errors import DataError
-
             raise DataError(f"{case_day}: slices of different sizes {sorted(shapes)}")
         height, width = shapes.pop()
         rows = group.to_dict("records")
@@ -127,8 +127,14 @@ class VolumeCache:
         # Decode the masks before writing anything: a bad RLE must not leave half an entry.
         packed = None
         if self.with_masks:
-            bits = np.stack([slice_mask(r) for r in rows])  # (D, H, W, 3) of 0/1
-            packed = (bits * np.array([1, 2, 4], np.uint8)).sum(axis=-1, dtype=np.uint8)
+            packed = np.zeros((len(rows), height, width), dtype=np.uint8)
+            for bit, name in enumerate(CLASSES):
+                try:
+                    packed |= rle_decode_many(group[name].tolist(), (height, width)) << bit
+                except RLEError:
+                    for row in rows:  # slice by slice, to name the id and class at fault
+                        slice_mask(row)
+                    raise
         lo, hi = np.percentile(volume[:, ::2, ::2], PERCENTILES)
         image_file = stem.with_suffix(".u16")
         _atomic_write_bytes(image_file, volume.astype("<u2").tobytes())

@@ -126,6 +126,8 @@ def test_decode_many_equals_one_by_one() -> None:
         (["1 2", "0 1"], "start 0 < 1"),
         (["1 2", "1 2 3"], "odd number of tokens (3)"),
         (["1 x"], "non-integer token 'x'"),
+        (["1 2"] * 1500 + ["1 x"], "non-integer token 'x'"),  # long: the byte-level check
+        (["1 2"] * 1500 + ["1 +2"], "non-integer token '+2'"),
     ],
 )
 def test_decode_many_names_the_bad_string(rles: list[str], message: str) -> None:
