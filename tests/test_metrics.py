@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from gitract import metrics
 from gitract.data import CLASSES
 from gitract.errors import DataError
 from gitract.metrics import (
@@ -178,6 +179,12 @@ def _brute_hausdorff(a: np.ndarray, b: np.ndarray) -> float:
         ((10, 6, 6), 0.1, 3),
         ((1, 8, 11), 0.1, 4),
         ((12, 3, 17), 0.01, 5),
+        # Square slices (H == W): the OpenCV per-slice path; the others use scipy's.
+        ((7, 11, 11), 0.05, 6),
+        ((9, 13, 13), 0.01, 7),
+        ((4, 10, 10), 0.4, 8),
+        ((1, 8, 8), 0.1, 9),
+        ((15, 1, 1), 0.2, 10),
     ],
 )
 def test_hausdorff_3d_equals_brute_force(shape, density, seed):
@@ -190,6 +197,44 @@ def test_hausdorff_3d_equals_brute_force(shape, density, seed):
     assert hausdorff_3d(a, b) == pytest.approx(expected, abs=1e-9)
     assert hausdorff_3d(a, b, crop=False) == pytest.approx(expected, abs=1e-9)
     assert hausdorff_3d(b, a) == pytest.approx(expected, abs=1e-9)  # symmetric
+
+
+@pytest.mark.parametrize("path", ["_max_distance_planar", "_max_distance_ft"])
+def test_both_distance_paths_equal_brute_force_on_many_random_masks(path):
+    """Each path on its own (the public function picks one by the shape), including masks
+    differing by one voxel and slices holding no voxel of the target."""
+    max_distance = getattr(metrics, path)
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        side = int(rng.integers(1, 12))
+        shape = (int(rng.integers(1, 9)), side, side)
+        density = 10 ** rng.uniform(-2, -0.3)
+        a = rng.random(shape) < density
+        b = rng.random(shape) < density
+        if rng.random() < 0.3:
+            b = a.copy()
+            b[tuple(rng.integers(shape))] ^= True
+        b.flat[rng.integers(b.size)] = True
+        points = np.nonzero(a & ~b)
+        if points[0].size == 0:
+            continue
+        spacing = tuple(1.0 / n for n in shape)
+        pa = np.argwhere(a & ~b) * spacing
+        pb = np.argwhere(b) * spacing
+        expected = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(1).max()
+        assert max_distance(b, points, spacing) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 15, 15), (9, 15, 17)])
+def test_hausdorff_3d_farthest_voxel_can_lie_inside_the_mask(shape):
+    """A solid ball inside a hollow shell: the ball's centre is its voxel farthest from the
+    shell, so looking only at the ball's surface would be wrong."""
+    z, y, x = np.indices(shape)
+    r = np.sqrt((z - 4) ** 2 + (y - 7) ** 2 + (x - 7) ** 2)
+    ball, shell = r <= 2, (r >= 3.5) & (r <= 4.2)
+    expected = _brute_hausdorff(ball, shell)
+    assert hausdorff_3d(ball, shell) == pytest.approx(expected, abs=1e-9)
+    assert hausdorff_3d(shell, ball) == pytest.approx(expected, abs=1e-9)
 
 
 def test_hausdorff_3d_crop_gives_the_same_value_on_small_far_apart_blobs():
