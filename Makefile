@@ -31,7 +31,7 @@ data: setup
 folds: setup
 	$(PY) scripts/make_folds.py --data-dir $(DATA_DIR) --out $(FOLDS_CSV)
 
-# The whole pipeline on synthetic data, CPU only: ~8 minutes on 2 cores.
+# The whole pipeline on synthetic data, CPU only: ~6 minutes on 2 cores.
 demo: data folds
 	$(PY) scripts/train.py --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV)
 	@echo "== out-of-fold score of fold 0 (its validation cases)"
