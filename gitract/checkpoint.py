@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from gitract.atomic import atomic_path
+
 __all__ = ["save_checkpoint"]
 
 
@@ -18,16 +20,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     containers, numbers, strings): no pickled callables, so loading a checkpoint never runs code.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        # A writer killed mid-save (kill -9) leaves its temp file behind, as big as a
-        # checkpoint; the next successful save sweeps such leftovers away.
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
+    # A writer killed mid-save (kill -9) leaves its temp file behind, as big as a checkpoint;
+    # the next successful save sweeps such leftovers away.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, get_worker_
 from tqdm.auto import tqdm
 
 from gitract import __version__
+from gitract.atomic import atomic_path
 from gitract.checkpoint import save_checkpoint
 from gitract.config import Config, config_to_dict, save_config
 from gitract.data import CLASSES, load_train_table, resolve_data_dir
@@ -421,8 +421,7 @@ def _write_outputs(
     }
     save_checkpoint(state, run_dir / "last.pt")
     frame = pd.DataFrame(history)
-    tmp = run_dir / f".history.csv.{os.getpid()}.tmp"
-    frame.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, run_dir / "history.csv")
+    with atomic_path(run_dir / "history.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
     if "val_loss" in frame:
         plot_curves(frame, run_dir / "curves.png")

@@ -8,8 +8,6 @@ models of an ensemble agree on which slices each one never saw.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from gitract.atomic import atomic_path
 from gitract.data import CLASSES, DEFAULT_EXCLUDE, load_train_table
 from gitract.errors import DataError
 
@@ -117,16 +116,8 @@ def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
 
 def write_folds(folds: pd.DataFrame, path: Path) -> None:
     """Write ``folds`` as CSV atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            folds.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        folds.to_csv(tmp, index=False)
 
 
 def create_folds_file(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gitract.atomic import atomic_path
 from gitract.config import Config, DataConfig, InferConfig
 from gitract.data import CLASSES, KAGGLE_INPUT, scan_images
 from gitract.errors import CheckpointError, ConfigError, DataError
@@ -255,13 +255,8 @@ def write_submission(
     submission["predicted"] = [
         predictions[key] for key in zip(submission["id"], submission["class"], strict=True)
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         submission.to_csv(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return submission
 
 
@@ -310,14 +305,9 @@ def infer_test(
 def _save_volume_probs(folder: Path, case_day: str, ids: list[str], probs: list) -> None:
     """One case-day's probabilities as uint8 (D, 3, H, W) in a compressed .npz, for tuning."""
     stacked = np.stack([np.rint(p * 255).astype(np.uint8) for p in probs])
-    # Not named *.npz, so that a leftover temp file is never taken for a volume by the tuner.
-    tmp = folder / f".{case_day}.npz.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids))
-        os.replace(tmp, folder / f"{case_day}.npz")
-    finally:
-        tmp.unlink(missing_ok=True)
+    # The temp name does not end in .npz: a leftover is never taken for a volume by the tuner.
+    with atomic_path(folder / f"{case_day}.npz") as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids))
 
 
 def infer_oof(

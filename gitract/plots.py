@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ matplotlib.use("Agg")  # no display on servers, CI or Kaggle
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from gitract.atomic import atomic_path  # noqa: E402
 from gitract.data import CLASSES  # noqa: E402
 
 __all__ = ["plot_curves", "save_figure"]
@@ -19,13 +19,11 @@ __all__ = ["plot_curves", "save_figure"]
 def save_figure(fig: plt.Figure, path: str | Path) -> None:
     """Write a figure atomically and close it (figures otherwise pile up in memory)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=path.suffix) as tmp:  # savefig reads the format from it
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(history: pd.DataFrame, path: str | Path) -> None:

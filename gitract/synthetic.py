@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 from scipy.interpolate import CubicSpline
 
+from gitract.atomic import write_text_atomic
 from gitract.data import CLASSES, DEFAULT_EXCLUDE
 from gitract.errors import ConfigError, DataError
 from gitract.rle import rle_encode
@@ -522,15 +523,7 @@ def _slice_file(root: Path, cd: _CaseDay, number: int) -> Path:
 
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` atomically: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _labels_csv(rows: list[tuple[str, str, str]], header: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from gitract.atomic import write_text_atomic
 from gitract.data import CLASSES, slice_mask
 from gitract.errors import ConfigError, DataError
 from gitract.metrics import hausdorff_3d
@@ -116,9 +116,4 @@ def tune_postprocess(
 
 def save_postprocess(result: dict, path: Path) -> None:
     """Write the tuned settings as JSON (atomically) where infer.py looks for them."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from gitract.atomic import atomic_path
 from gitract.data import CLASSES, read_slice, slice_mask
 from gitract.errors import DataError, RLEError
 from gitract.rle import rle_decode_many
@@ -68,12 +69,8 @@ def _cache_key(group: pd.DataFrame, with_masks: bool) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class VolumeCache:

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
 from gitract.config import load_config
 from gitract.data import load_train_table, scan_images
@@ -516,10 +517,7 @@ def main() -> int:
                for k, v in results.items()}  # fmt: skip
     print(table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp_json = args.json.with_name(f".{args.json.name}.{os.getpid()}.tmp")
-        tmp_json.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp_json, args.json)
+        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
