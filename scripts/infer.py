@@ -32,7 +32,10 @@ def parse_args() -> argparse.Namespace:
         "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.oof and (args.fold is not None or args.folds_csv):
+        parser.error("--fold and --folds-csv go with --oof (to ensemble some folds: --folds)")
+    return args
 
 
 def main() -> None:

@@ -468,3 +468,14 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
         assert not (a & ~b.astype(bool)).any()  # a lower threshold only adds pixels
         more += int(b.sum()) - int(a.sum())
     assert more > 0
+
+
+def test_oof_only_flags_without_oof_are_refused() -> None:
+    done = subprocess.run(
+        [sys.executable, "scripts/infer.py", "--fold", "0"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "--fold and --folds-csv go with --oof" in done.stderr
