@@ -473,7 +473,7 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
 def test_oof_only_flags_without_oof_are_refused() -> None:
     done = subprocess.run(
         [sys.executable, "scripts/infer.py", "--fold", "0"],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
         capture_output=True,
         text=True,
     )
