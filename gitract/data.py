@@ -34,6 +34,7 @@ __all__ = [
     "SliceInfo",
     "load_train_table",
     "parse_slice_path",
+    "read_csv_file",
     "read_slice",
     "resolve_data_dir",
     "scan_images",
@@ -188,25 +189,35 @@ def scan_images(image_dir: Path) -> pd.DataFrame:
     return frame.sort_values(["case", "day", "slice"], ignore_index=True)
 
 
-def _read_train_csv(csv_path: Path) -> pd.DataFrame:
-    if not csv_path.is_file():
-        raise DataError(f"{csv_path}: file not found (is the data dir right?)")
+def read_csv_file(
+    path: str | Path, columns: Sequence[str], what: str = "file", hint: str = ""
+) -> pd.DataFrame:
+    """Read a CSV the user handed us, every cell a string (an empty cell stays ``""``, which
+    is how train.csv and submissions spell an empty mask).
+
+    A missing, empty or unparsable file, or a missing column, is a one-line DataError naming
+    the file; ``what`` names the kind of file and ``hint`` says how to get a right one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{hint}")
     try:
-        # dtype=str + keep_default_na=False: an empty segmentation stays "" (an empty mask).
-        ann = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise DataError(
-            f"{csv_path}: file is empty (expected columns id,class,segmentation)"
-        ) from None
+        raise DataError(f"{path}: {what} is empty (expected columns {','.join(columns)})") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{csv_path}: cannot parse as CSV: {detail}") from None
-    missing = [c for c in _CSV_COLUMNS if c not in ann.columns]
+        raise DataError(f"{path}: cannot parse {what} as CSV: {detail}") from None
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(
-            f"{csv_path}: missing column(s) {', '.join(missing)} "
-            f"(has: {', '.join(map(str, ann.columns))}; expected id,class,segmentation)"
+            f"{path}: missing column(s) {', '.join(missing)} "
+            f"(has: {', '.join(map(str, frame.columns))}; expected {','.join(columns)})"
         )
+    return frame
+
+
+def _read_train_csv(csv_path: Path) -> pd.DataFrame:
+    ann = read_csv_file(csv_path, _CSV_COLUMNS, hint=" (is the data dir right?)")
     if ann.empty:
         raise DataError(f"{csv_path}: no rows under the header (an empty train.csv)")
     return ann[list(_CSV_COLUMNS)]

@@ -6,29 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from gitract.data import scan_images
+from gitract.data import read_csv_file, scan_images
 from gitract.errors import DataError
 from gitract.metrics import competition_score
 
-__all__ = ["evaluate_submission", "read_csv_checked"]
-
-
-def read_csv_checked(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV of strings (empty cells stay ``""``), naming the file if it or a column is
-    missing."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file; expected a header {','.join(columns)}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: cannot parse CSV: {detail}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
-    return frame
+__all__ = ["evaluate_submission"]
 
 
 def _case_day(ids: pd.Series) -> pd.Series:
@@ -43,9 +25,9 @@ def evaluate_submission(
     Labels default to ``data_dir/train.csv`` restricted to the case-days the submission covers
     (so an out-of-fold submission is scored on its fold); explicit ``labels_path`` must be
     covered whole. Slice sizes come from the images under ``data_dir`` (train/ and test/)."""
-    submission = read_csv_checked(submission_path, ("id", "class", "predicted"))
+    submission = read_csv_file(submission_path, ("id", "class", "predicted"))
     if labels_path is None:
-        labels = read_csv_checked(data_dir / "train.csv", ("id", "class", "segmentation"))
+        labels = read_csv_file(data_dir / "train.csv", ("id", "class", "segmentation"))
         labels = labels[_case_day(labels["id"]).isin(set(_case_day(submission["id"])))]
         if labels.empty:
             raise DataError(
@@ -53,7 +35,7 @@ def evaluate_submission(
                 "give --labels for a test submission"
             )
     else:
-        labels = read_csv_checked(labels_path, ("id", "class", "segmentation"))
+        labels = read_csv_file(labels_path, ("id", "class", "segmentation"))
     shapes = pd.concat([scan_images(data_dir / "train"), scan_images(data_dir / "test")])
     try:
         return competition_score(submission, labels, shapes[["id", "height", "width"]])

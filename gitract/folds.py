@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from gitract.atomic import atomic_path
-from gitract.data import CLASSES, DEFAULT_EXCLUDE, load_train_table
+from gitract.data import CLASSES, DEFAULT_EXCLUDE, load_train_table, read_csv_file
 from gitract.errors import DataError
 
 __all__ = [
@@ -142,23 +142,9 @@ def load_folds(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     so any mismatch is an error that says how to fix it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: folds file not found; make it with scripts/make_folds.py")
-    try:
-        folds = pd.read_csv(path, dtype={"id": str})
-    except pd.errors.EmptyDataError:
-        raise DataError(
-            f"{path}: folds file is empty; make it with scripts/make_folds.py"
-        ) from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: cannot parse folds file: {detail}") from None
-    missing = [c for c in ("id", "fold") if c not in folds.columns]
-    if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)} "
-            f"(has: {', '.join(map(str, folds.columns))})"
-        )
+    folds = read_csv_file(
+        path, ("id", "fold"), "folds file", "; make it with scripts/make_folds.py"
+    )
     fold = pd.to_numeric(folds["fold"], errors="coerce")
     bad = fold.isna() | (fold < 0) | (fold != fold.round())
     if bad.any():

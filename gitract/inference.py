@@ -24,9 +24,8 @@ from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path
 from gitract.config import Config, DataConfig, InferConfig
-from gitract.data import CLASSES, KAGGLE_INPUT, scan_images
+from gitract.data import CLASSES, KAGGLE_INPUT, read_csv_file, scan_images
 from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.evaluation import read_csv_checked
 from gitract.postprocess import binarize
 from gitract.rle import rle_encode
 from gitract.volumes import VolumeCache
@@ -229,7 +228,7 @@ def encode_predictions(
 
 def read_sample_submission(path: Path) -> pd.DataFrame:
     """``sample_submission.csv`` checked: columns, known classes, no duplicated rows."""
-    frame = read_csv_checked(path, ("id", "class"))
+    frame = read_csv_file(path, ("id", "class"))
     unknown = sorted(set(frame["class"]) - set(CLASSES))
     if unknown:
         line = int(np.flatnonzero(~frame["class"].isin(CLASSES))[0]) + 2

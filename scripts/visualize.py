@@ -15,9 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from gitract.cli import run_main
-from gitract.data import resolve_data_dir, scan_images
+from gitract.data import read_csv_file, resolve_data_dir, scan_images
 from gitract.errors import DataError
-from gitract.evaluation import read_csv_checked
 from gitract.visualize import plot_slices, rle_table
 
 
@@ -37,9 +36,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     data_dir = resolve_data_dir(args.data_dir)
-    submission = read_csv_checked(Path(args.submission), ("id", "class", "predicted"))
+    submission = read_csv_file(Path(args.submission), ("id", "class", "predicted"))
     labels_path = Path(args.labels) if args.labels else data_dir / "train.csv"
-    labels = read_csv_checked(labels_path, ("id", "class", "segmentation"))
+    labels = read_csv_file(labels_path, ("id", "class", "segmentation"))
     images = pd.concat([scan_images(data_dir / "train"), scan_images(data_dir / "test")])
     if args.ids:
         slices = images[images["id"].isin(args.ids)]

@@ -215,11 +215,11 @@ def test_evaluate_script_bad_submission_is_a_one_line_error(scored, tmp_path, fa
 def test_unreadable_submission_names_the_file(tmp_path, tiny_kaggle) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(DataError, match=r"empty\.csv: empty file"):
+    with pytest.raises(DataError, match=r"empty\.csv: file is empty"):
         evaluate_submission(empty, tiny_kaggle.root)
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("id,class,segmentation\n")
-    with pytest.raises(DataError, match=r"wrong\.csv: missing column\(s\) \['predicted'\]"):
+    with pytest.raises(DataError, match=r"wrong\.csv: missing column\(s\) predicted \(has: "):
         evaluate_submission(wrong, tiny_kaggle.root)
 
 

@@ -192,7 +192,7 @@ def test_find_checkpoints_names_what_is_missing(tmp_path) -> None:
 def test_read_sample_submission_rejects_an_empty_file(tmp_path) -> None:
     path = tmp_path / "sample_submission.csv"
     path.write_text("")
-    with pytest.raises(DataError, match=r"sample_submission.csv: empty file"):
+    with pytest.raises(DataError, match=r"sample_submission.csv: file is empty"):
         read_sample_submission(path)
 
 
