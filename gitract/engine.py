@@ -280,11 +280,12 @@ def _fit(
 
     table = load_train_table(data_dir, cfg.data.exclude)
     train_df, val_df = _split(table, fold, folds_csv)
-    # Rank 0 builds the volume cache; the others wait and then only read it.
+    # Rank 0 builds the volume cache; the others wait, then find every entry already there.
     if ctx.is_main:
-        VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
+        cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
     barrier(ctx)
-    cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=False)
+    if not ctx.is_main:
+        cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=False)
     train_loader, val_loader, sampler = _loaders(cfg, train_df, val_df, cache, ctx)
 
     last_path = run_dir / "last.pt"

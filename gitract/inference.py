@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path
 from gitract.config import Config, DataConfig, InferConfig
-from gitract.data import CLASSES, KAGGLE_INPUT, read_csv_file, scan_images
+from gitract.data import CLASSES, KAGGLE_INPUT, load_train_table, read_csv_file, scan_images
 from gitract.errors import CheckpointError, ConfigError, DataError
 from gitract.postprocess import binarize
 from gitract.rle import rle_encode
@@ -324,8 +324,7 @@ def infer_oof(
 
     Writes an ``id,class,predicted`` CSV (default ``<runs>/oof.csv``) and each case-day's
     probabilities under ``<runs>/oof_probs/``, which ``evaluate.py --tune`` searches."""
-    from gitract.data import load_train_table
-    from gitract.folds import load_folds
+    from gitract.folds import load_folds  # sklearn: imported only when OOF needs it
 
     table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
     known = sorted(table["fold"].unique().tolist())

@@ -72,9 +72,10 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> 
         strays = [p.name for p in run_dir.iterdir() if p != path]
         assert all(name.startswith(".best.pt.") and name.endswith(".tmp") for name in strays)
 
-    # The next complete save sweeps away what the killed writers left.
+    # The next complete save sweeps away what the killed writers left (one planted for sure).
     from gitract.checkpoint import save_checkpoint
 
+    (run_dir / ".best.pt.99999.tmp").write_bytes(b"half a checkpoint")
     save_checkpoint({"meta": {"step": step}}, path)
     assert [p.name for p in run_dir.iterdir()] == ["best.pt"]
 
