@@ -34,12 +34,21 @@ import torch
 from scipy import ndimage
 
 from gitract.data import CLASSES
-from gitract.errors import DataError, RLEError
+from gitract.errors import ConfigError, DataError, RLEError
 from gitract.rle import rle_decode
 
 __all__ = [
+    "N_TERMS",
+    "PROFILES",
     "SegMetricAccumulator",
+    "VolumeScoreAccumulator",
+    "check_profile",
+    "classic_metrics",
     "competition_score",
+    "hausdorff_mlebench",
+    "mlebench_view",
+    "terms_summary",
+    "volume_terms",
     "dice_2d",
     "dice_iou_per_class",
     "hausdorff_3d",
@@ -47,6 +56,9 @@ __all__ = [
 
 _ID_RE = re.compile(r"^case(\d+)_day(\d+)_slice_(\d{4})$")
 _SQRT3 = math.sqrt(3.0)
+# Metric profiles: "kaggle" is our reading of the documented metric (design.md section 3),
+# "mlebench" what openai/mle-bench's grader for this competition computes.
+PROFILES = ("kaggle", "mlebench")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,24 +349,258 @@ def _decode(rle: object, shape: tuple[int, int], what: str, id_: str, cls: str) 
         raise DataError(f"{what}: id {id_} class {cls}: {err}") from err
 
 
+# --------------------------------------------------------------------------------------------
+# Metric profiles: whole case-day volumes -> sums of score terms
+# --------------------------------------------------------------------------------------------
+
+# Layout of the per-volume term vector (float64), with C = len(CLASSES):
+#   [0, C)      Dice sum over the rows (slice, class) that count, per class
+#   [C, 2C)     number of rows that count, per class
+#   [2C, 3C)    Hausdorff sum over counted (case-day, class) volumes, per class (kaggle)
+#   [3C, 4C)    number of counted volumes, per class (kaggle)
+#   4C, 4C + 1  Hausdorff of the union of the classes, and 1 if it counts (mlebench)
+#   then TP, FP, FN, TN pixel counts, C each (the classic metrics; the same in both profiles)
+_C = len(CLASSES)
+_DICE, _ROWS, _HD, _VOLS = (slice(k * _C, (k + 1) * _C) for k in range(4))
+_UNION = 4 * _C
+_TP, _FP, _FN, _TN = (slice(_UNION + 2 + k * _C, _UNION + 2 + (k + 1) * _C) for k in range(4))
+N_TERMS = _UNION + 2 + 4 * _C
+
+
+def check_profile(profile: str) -> str:
+    """``profile`` if it is one of PROFILES, else a ConfigError naming it."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown metric profile {profile!r}; expected one of {list(PROFILES)}")
+    return profile
+
+
+def mlebench_view(masks: np.ndarray) -> np.ndarray:
+    """(..., H, W) masks as mle-bench's grader sees them after encoding them row-major.
+
+    Its decoder lays the run positions out with ``reshape((W, H)).T`` (column-major): pixel
+    (i, j) of what it scores is pixel number ``j * H + i`` of the row-major string. It does the
+    same to the answers, so a square slice is only transposed (no change to any score), but a
+    360x310 one is scrambled, and its 3D Hausdorff differs from the row-major one."""
+    *lead, h, w = masks.shape
+    return masks.reshape(*lead, h * w).reshape(*lead, w, h).swapaxes(-1, -2)
+
+
+def hausdorff_mlebench(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """mle-bench's per-case-day Hausdorff of two (D, H, W) masks: None (NaN there) when both
+    are empty, 0 when identical, 1 when one is empty or ``pred`` has more than 10x the truth's
+    voxels, else the normalised symmetric Hausdorff (the same value as ``hausdorff_3d``)."""
+    n_pred, n_truth = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
+    if n_pred == 0 and n_truth == 0:
+        return None
+    if np.array_equal(pred, truth):
+        return 0.0
+    if n_pred == 0 or n_truth == 0 or n_pred > 10 * n_truth:
+        return 1.0
+    return hausdorff_3d(pred, truth)
+
+
+def _check_volume(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(pred).astype(bool, copy=False)
+    truth = np.asarray(truth).astype(bool, copy=False)
+    if pred.ndim != 4 or pred.shape != truth.shape or pred.shape[1] != _C:
+        raise ValueError(
+            f"a case-day volume is (D, {_C}, H, W) for classes {CLASSES}, the same for "
+            f"prediction and truth; got {pred.shape} and {truth.shape}"
+        )
+    return pred, truth
+
+
+def volume_terms(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    profile: str = "kaggle",
+    classes: Sequence[int] | None = None,
+) -> np.ndarray:
+    """The score terms of one case-day (a float64 vector of N_TERMS; see the layout above).
+
+    ``pred`` and ``truth`` are (D, C, H, W) masks, slices in slice order, at the slices' own
+    size. ``classes`` (indices into CLASSES, default all) are the classes that have rows: the
+    others add nothing. The vectors of several case-days add up to the terms of all of them.
+    """
+    check_profile(profile)
+    pred, truth = _check_volume(pred, truth)
+    classes = list(range(_C)) if classes is None else list(classes)
+    terms = np.zeros(N_TERMS)
+    n_pixels = pred.shape[2] * pred.shape[3]
+    for c in classes:
+        p, t = pred[:, c], truth[:, c]
+        n_p = np.count_nonzero(p.reshape(len(p), -1), axis=1)
+        n_t = np.count_nonzero(t.reshape(len(t), -1), axis=1)
+        inter = np.count_nonzero((p & t).reshape(len(p), -1), axis=1)
+        total = n_p + n_t
+        both_empty = total == 0
+        dice = 2.0 * inter / np.maximum(total, 1)
+        if profile == "kaggle":
+            # A row where both are empty scores 1 and counts.
+            terms[_DICE][c] = float(np.where(both_empty, 1.0, dice).sum())
+            terms[_ROWS][c] = len(p)
+            distance = hausdorff_3d(p, t)
+            if distance is not None:
+                terms[_HD][c] = distance
+                terms[_VOLS][c] = 1.0
+        else:
+            # mle-bench: both-empty rows are NaN and left out of the (nan)mean.
+            terms[_DICE][c] = float(dice[~both_empty].sum())
+            terms[_ROWS][c] = float(np.count_nonzero(~both_empty))
+        tp, n_pred, n_true = int(inter.sum()), int(n_p.sum()), int(n_t.sum())
+        terms[_TP][c] = tp
+        terms[_FP][c] = n_pred - tp
+        terms[_FN][c] = n_true - tp
+        terms[_TN][c] = len(p) * n_pixels - n_pred - n_true + tp
+    if profile == "mlebench" and classes:
+        union_pred = mlebench_view(pred[:, classes].any(axis=1))
+        union_truth = mlebench_view(truth[:, classes].any(axis=1))
+        distance = hausdorff_mlebench(union_pred, union_truth)
+        if distance is not None:
+            terms[_UNION] = distance
+            terms[_UNION + 1] = 1.0
+    return terms
+
+
+def _ratio(num: float, den: float, empty: float) -> float:
+    return float(num / den) if den else empty
+
+
+def terms_summary(terms: np.ndarray, profile: str = "kaggle") -> dict[str, float]:
+    """Score, Dice and Hausdorff of summed ``terms`` under ``profile``.
+
+    kaggle: Dice the mean over rows (both-empty rows score 1), Hausdorff the mean over
+    (case-day, class) volumes not empty on both sides (0.0 when there is none). mlebench: Dice
+    the mean over rows not empty on both sides, Hausdorff the mean over case-days whose union
+    is not empty on both sides; NaN when there is none (the grader's nanmean of nothing)."""
+    check_profile(profile)
+    terms = np.asarray(terms, dtype=np.float64)
+    nan = float("nan")
+    dice = _ratio(terms[_DICE].sum(), terms[_ROWS].sum(), nan)
+    if profile == "kaggle":
+        hausdorff = _ratio(terms[_HD].sum(), terms[_VOLS].sum(), 0.0)
+    else:
+        hausdorff = _ratio(terms[_UNION], terms[_UNION + 1], nan)
+    return {"score": 0.4 * dice + 0.6 * (1.0 - hausdorff), "dice": dice, "hausdorff": hausdorff}
+
+
+def classic_metrics(terms: np.ndarray) -> dict[str, float]:
+    """Pixel accuracy, mean pixel accuracy and IoU per class over the whole set, and averaged.
+
+    Each class is a binary segmentation (organ vs background) over every pixel of the set:
+    pixel accuracy (TP + TN) / N; mean pixel accuracy the mean of the organ's and the
+    background's recall, (TP / (TP + FN) + TN / (TN + FP)) / 2; IoU TP / (TP + FP + FN).
+    ``pixel_accuracy``, ``mean_pixel_accuracy`` and ``miou`` average the classes. A ratio over
+    no pixels (e.g. IoU of a class absent from both) is NaN and left out of the average."""
+    terms = np.asarray(terms, dtype=np.float64)
+    tp, fp, fn, tn = terms[_TP], terms[_FP], terms[_FN], terms[_TN]
+    out: dict[str, float] = {}
+    per: dict[str, list[float]] = {"pixel_accuracy": [], "mean_pixel_accuracy": [], "iou": []}
+    nan = float("nan")
+    for c, name in enumerate(CLASSES):
+        n = tp[c] + fp[c] + fn[c] + tn[c]
+        if n == 0:
+            continue
+        recalls = [_ratio(tp[c], tp[c] + fn[c], nan), _ratio(tn[c], tn[c] + fp[c], nan)]
+        recalls = [r for r in recalls if not math.isnan(r)]
+        values = {
+            "pixel_accuracy": float((tp[c] + tn[c]) / n),
+            "mean_pixel_accuracy": float(np.mean(recalls)),
+            "iou": _ratio(tp[c], tp[c] + fp[c] + fn[c], nan),
+        }
+        for key, value in values.items():
+            out[f"{key}_{name}"] = value
+            per[key].append(value)
+    for key, values in per.items():
+        kept = [v for v in values if not math.isnan(v)]
+        out["miou" if key == "iou" else key] = float(np.mean(kept)) if kept else nan
+    return out
+
+
+class VolumeScoreAccumulator:
+    """Competition-score terms summed over whole case-day volumes, for one profile.
+
+    ``add`` takes one case-day's prediction and truth as (D, C, H, W) masks (slices in slice
+    order, the slices' own H x W, classes in CLASSES order). For ``mlebench`` the masks are
+    scored as the grader sees them after its column-major decoding of row-major strings
+    (:func:`mlebench_view`), so the number equals ``evaluate.py --metric mlebench`` on a
+    submission of these masks. Distributed use, as with :class:`SegMetricAccumulator`::
+
+        state = acc.state().to(device)
+        torch.distributed.all_reduce(state)  # SUM
+        acc.load_state(state)
+    """
+
+    def __init__(self, profile: str = "kaggle") -> None:
+        self.profile = check_profile(profile)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every volume added so far."""
+        self.terms = np.zeros(N_TERMS)
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """Add one case-day: (D, C, H, W) bool or 0/1 prediction and truth."""
+        self.add_terms(volume_terms(pred, truth, self.profile))
+
+    def add_terms(self, terms: np.ndarray) -> None:
+        """Add one case-day's :func:`volume_terms` computed elsewhere (e.g. in a worker)."""
+        self.terms = self.terms + np.asarray(terms, dtype=np.float64)
+
+    def state(self) -> torch.Tensor:
+        """1-D float64 CPU tensor of the sums; summing states merges accumulators."""
+        return torch.from_numpy(self.terms.copy())
+
+    def load_state(self, state: torch.Tensor) -> None:
+        """Replace the sums with ``state`` (as :meth:`state` returns it, e.g. after all_reduce)."""
+        values = state.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+        if values.size != N_TERMS:
+            raise ValueError(f"state of {values.size} values; a {self.profile} state has {N_TERMS}")
+        self.terms = values.copy()
+
+    def compute(self) -> dict[str, float]:
+        """``score``, ``dice`` and ``hausdorff`` of the volumes added (see terms_summary)."""
+        return terms_summary(self.terms, self.profile)
+
+    def per_class(self) -> dict[str, float]:
+        """``dice_<class>`` and (kaggle) ``hausdorff_<class>``, NaN for a class without rows."""
+        out: dict[str, float] = {}
+        nan = float("nan")
+        for c, name in enumerate(CLASSES):
+            rows = self.terms[_ROWS][c]
+            out[f"dice_{name}"] = _ratio(self.terms[_DICE][c], rows, nan)
+            if self.profile == "kaggle":
+                vols = self.terms[_VOLS][c]
+                hd = _ratio(self.terms[_HD][c], vols, 0.0)
+                out[f"hausdorff_{name}"] = hd if rows or vols else nan
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """``n_rows`` (rows in the Dice mean) and ``n_volumes`` (volumes in the Hausdorff)."""
+        vols = self.terms[_VOLS].sum() if self.profile == "kaggle" else self.terms[_UNION + 1]
+        return {"n_rows": int(self.terms[_ROWS].sum()), "n_volumes": int(vols)}
+
+
 def competition_score(
     submission: pd.DataFrame,
     labels: pd.DataFrame,
     slice_shapes: pd.DataFrame,
+    profile: str = "kaggle",
 ) -> dict[str, float | int]:
-    """The competition score of ``submission`` against ``labels`` (design.md section 3).
+    """The competition score of ``submission`` against ``labels`` under ``profile``.
 
     ``submission``: id, class, predicted (RLE); ``labels``: id, class, segmentation (RLE);
     ``slice_shapes``: id, height, width (extra rows ignored). Every (id, class) of the labels must
     be predicted, and nothing else (DataError naming how many and an example otherwise). A
-    volume is one (case_day, class): its slices are the case_day's ids in the labels, stacked by
-    slice number, so D is their count. Volumes are decoded one case_day at a time.
+    case-day's slices are its ids in the labels, stacked by slice number; case-days are scored
+    one at a time, in (case, day) order, through :class:`VolumeScoreAccumulator`.
 
-    Returns ``score``, ``dice``, ``hausdorff``, ``dice_<class>``, ``hausdorff_<class>`` (for
-    every class in CLASSES; NaN for a class without rows, and a Hausdorff over no non-skipped
-    volume is 0.0), ``n_rows`` (scored (id, class) rows) and ``n_volumes`` (volumes counted in
-    the Hausdorff term, i.e. not both empty).
+    Returns ``score``, ``dice``, ``hausdorff``, ``dice_<class>`` and, for kaggle,
+    ``hausdorff_<class>`` (NaN for a class without rows, 0.0 for a class whose volumes are all
+    empty on both sides), ``n_rows`` (rows in the Dice mean), ``n_volumes`` (volumes in the
+    Hausdorff mean), and the classic metrics of :func:`classic_metrics`.
     """
+    check_profile(profile)
     _check_columns(submission, ("id", "class", "predicted"), "submission")
     _check_columns(labels, ("id", "class", "segmentation"), "labels")
     _check_columns(slice_shapes, ("id", "height", "width"), "slice shapes")
@@ -415,8 +661,8 @@ def competition_score(
     # Plain dicts: a pandas .loc per (id, class) would dominate the run time on the full data.
     predicted = sub.set_index(["id", "class"])["predicted"].to_dict()
     segmentation = lab.set_index(["id", "class"])["segmentation"].to_dict()
-    dice_rows: dict[str, list[float]] = {c: [] for c in CLASSES}
-    hausdorff_vols: dict[str, list[float]] = {c: [] for c in CLASSES}
+    present = [CLASSES.index(c) for c in classes]
+    acc = VolumeScoreAccumulator(profile)
 
     for (case, day), volume in meta.groupby(["case", "day"], sort=False):
         case_day = f"case{case}_day{day}"
@@ -427,34 +673,17 @@ def competition_score(
             )
         height, width = (int(v) for v in sizes.iloc[0])
         slice_ids = volume["id"].tolist()
-        for cls in classes:
-            pred = np.zeros((len(slice_ids), height, width), dtype=bool)
-            truth = np.zeros_like(pred)
-            for z, id_ in enumerate(slice_ids):
-                key = (id_, cls)
-                pred[z] = _decode(predicted[key], (height, width), "submission", id_, cls)
-                truth[z] = _decode(segmentation[key], (height, width), "labels", id_, cls)
-                dice_rows[cls].append(dice_2d(pred[z], truth[z]))
-            distance = hausdorff_3d(pred, truth)
-            if distance is not None:
-                hausdorff_vols[cls].append(distance)
+        pred = np.zeros((len(slice_ids), _C, height, width), dtype=bool)
+        truth = np.zeros_like(pred)
+        for z, id_ in enumerate(slice_ids):
+            for c in present:
+                key = (id_, CLASSES[c])
+                pred[z, c] = _decode(predicted[key], (height, width), "submission", id_, key[1])
+                truth[z, c] = _decode(segmentation[key], (height, width), "labels", id_, key[1])
+        acc.add_terms(volume_terms(pred, truth, profile, present))
 
-    all_dice = [d for c in CLASSES for d in dice_rows[c]]
-    all_hd = [h for c in CLASSES for h in hausdorff_vols[c]]
-    dice = float(np.mean(all_dice))
-    hausdorff = float(np.mean(all_hd)) if all_hd else 0.0
-    out: dict[str, float | int] = {
-        "score": 0.4 * dice + 0.6 * (1.0 - hausdorff),
-        "dice": dice,
-        "hausdorff": hausdorff,
-    }
-    for cls in CLASSES:
-        rows, vols = dice_rows[cls], hausdorff_vols[cls]
-        out[f"dice_{cls}"] = float(np.mean(rows)) if rows else float("nan")
-        if not rows:
-            out[f"hausdorff_{cls}"] = float("nan")
-        else:
-            out[f"hausdorff_{cls}"] = float(np.mean(vols)) if vols else 0.0
-    out["n_rows"] = len(all_dice)
-    out["n_volumes"] = len(all_hd)
+    out: dict[str, float | int] = dict(acc.compute())
+    out.update(acc.per_class())
+    out.update(acc.counts())
+    out.update(classic_metrics(acc.terms))
     return out

@@ -344,7 +344,10 @@ def test_competition_score_known_value():
     expected_keys = {"score", "dice", "hausdorff", "n_rows", "n_volumes"} | {
         f"{m}_{c}" for m in ("dice", "hausdorff") for c in CLASSES
     }
-    assert set(out) == expected_keys
+    classic = {"pixel_accuracy", "mean_pixel_accuracy", "miou"} | {
+        f"{m}_{c}" for m in ("pixel_accuracy", "mean_pixel_accuracy", "iou") for c in CLASSES
+    }
+    assert set(out) == expected_keys | classic
 
 
 def test_competition_score_perfect_and_nan_cells():
