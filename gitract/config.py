@@ -45,6 +45,9 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 ResizeMode = Literal["pad", "resize"]
 Flip = Literal["hflip", "vflip"]
+AmpDtype = Literal["fp16", "bf16"]
+SelectBy = Literal["score", "dice"]
+MetricProfile = Literal["kaggle", "mlebench"]
 
 
 @dataclass
@@ -58,7 +61,7 @@ class DataConfig:
     slice_stride: int = 2
     img_size: list[int] = field(default_factory=lambda: [320, 384])  # (H, W), multiples of 32
     resize_mode: ResizeMode = "pad"
-    num_workers: int = 2
+    num_workers: int | None = None  # None: suited to the machine (see engine.default_workers)
     cache_dir: str | None = None
 
 
@@ -94,6 +97,12 @@ class TrainConfig:
     aug_brightness: float = 0.5
     out_dir: str = "runs"
     channels_last: bool = True
+    amp_dtype: AmpDtype = "fp16"
+    accumulate: int = 1  # optimizer step every N batches (effective batch N x batch_size)
+    compile: bool = False  # torch.compile the network
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
+    select_by: SelectBy = "score"  # what best.pt follows: competition score or mean Dice
+    select_metric: MetricProfile = "kaggle"  # the score's profile when select_by is score
 
 
 @dataclass
@@ -251,9 +260,14 @@ def _check_values(cfg: Config, where: str) -> None:
         raise bad("data.slice_stride", ">= 1", d.slice_stride)
     if len(d.img_size) != 2 or any(s <= 0 or s % 32 for s in d.img_size):
         raise bad("data.img_size", "[H, W], two positive multiples of 32", d.img_size)
-    if d.num_workers < 0:
-        raise bad("data.num_workers", ">= 0", d.num_workers)
-    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size)):
+    if d.num_workers is not None and d.num_workers < 0:
+        raise bad("data.num_workers", ">= 0 or null (suited to the machine)", d.num_workers)
+    for key, value in (
+        ("train.epochs", t.epochs),
+        ("train.batch_size", t.batch_size),
+        ("train.accumulate", t.accumulate),
+        ("train.max_bad_steps", t.max_bad_steps),
+    ):
         if value < 1:
             raise bad(key, ">= 1", value)
     if i.batch_size < 1:

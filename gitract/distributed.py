@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "all_reduce_sum", "barrier", "cleanup_distributed", "init_distributed"]
+__all__ = [
+    "DistContext",
+    "all_gather_objects",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "launch_env",
+    "resolve_num_workers",
+]
+
+# NCCL's default is 10 minutes: generous for a collective, short for a slow first epoch's
+# validation on a big set. Collectives that hang for real still end, just later.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -35,11 +51,33 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(prefer_cuda: bool = True) -> DistContext:
-    """Join the process group if launched by torchrun; pick this rank's device."""
+def launch_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) as torchrun set them; (0, 1, 0, 1) in a
+    plain run. Read without joining the process group, so work can be shared out before it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    return rank, world_size, local_rank, local_world
+
+
+def resolve_num_workers(num_workers: int | None, local_world_size: int = 1) -> int:
+    """DataLoader workers: the config's number, or (None) this process's share of the CPU
+    cores: all of it on a small machine (a 2-4 core Kaggle kernel, where the loop mostly waits
+    on the GPU), one core kept for the loop and at most 8 on a workstation."""
+    if num_workers is not None:
+        return num_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, local_world_size))
+    return share if share <= 4 else min(8, share - 1)
+
+
+def init_distributed(prefer_cuda: bool = True, timeout: timedelta = DEFAULT_TIMEOUT) -> DistContext:
+    """Join the process group if launched by torchrun; pick this rank's device."""
+    rank, world_size, local_rank, _ = launch_env()
     use_cuda = prefer_cuda and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -47,7 +85,7 @@ def init_distributed(prefer_cuda: bool = True) -> DistContext:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return DistContext(rank, world_size, local_rank, device)
 
 
@@ -59,6 +97,23 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         on_device = out.to(ctx.device)
         dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
         out = on_device.to(tensor.device)
+    return out
+
+
+def all_reduce_max(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise maximum over all ranks, in place on ``tensor``'s device (which must be the
+    rank's device under nccl). Queued on the stream like any collective: no host sync."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not ctx.enabled:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -1,18 +1,25 @@
-"""Training one fold: ``train_one_epoch`` / ``evaluate`` return metric dicts, ``fit`` drives them.
+"""Training one fold: ``train_one_epoch`` / ``validate`` return metric dicts, ``fit`` drives them.
 
-``fit`` writes ``<out_dir>/<config name>/fold<N>/``: ``best.pt`` (best mean val Dice),
-``last.pt`` (every epoch, with optimizer, AMP scaler, schedule position and RNG state, so
-``resume`` continues where a killed run stopped), ``history.csv``, ``config.yaml`` and
-``curves.png``. Under torchrun it trains with DistributedDataParallel and only rank 0 writes.
+``fit`` writes ``<out_dir>/<config name>/fold<N>/``: ``best.pt`` (best validation score, or mean
+Dice with ``train.select_by: dice``), ``last.pt`` (every epoch: the whole
+:class:`~gitract.train_state.TrainState`, so ``resume`` continues where a killed run stopped),
+``history.csv``, ``config.yaml``, ``curves.png`` and, when tensorboard is installed, ``tb/``.
+Under torchrun it trains with DistributedDataParallel and only rank 0 writes.
+
+A non-finite step (an fp16 overflow, a bad batch) is skipped, not fatal: the flag is all-reduced
+so every rank skips the same step, and the run stops with a clear error only after
+``train.max_bad_steps`` of them in a row. The loop reads nothing back from the device between
+its progress updates: losses, flags and counters stay device tensors until then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from tqdm.auto import tqdm
 
 from gitract import __version__
@@ -31,20 +38,29 @@ from gitract.data import CLASSES, load_train_table, resolve_data_dir
 from gitract.dataset import SliceDataset, build_train_transform
 from gitract.distributed import (
     DistContext,
+    all_gather_objects,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     cleanup_distributed,
     init_distributed,
+    launch_env,
+    resolve_num_workers,
 )
-from gitract.errors import CheckpointError, DataError, TrainingError
+from gitract.errors import DataError, TrainingError
 from gitract.folds import load_folds
 from gitract.losses import build_loss
 from gitract.metrics import SegMetricAccumulator
 from gitract.model import build_model, load_checkpoint
 from gitract.plots import plot_curves
+from gitract.train_state import TrainState, capture_rng, check_resumable
+from gitract.validation import VolumeScorer, shard_case_days
 from gitract.volumes import VolumeCache
 
-__all__ = ["evaluate", "fit", "lr_at", "run_dir_for", "train_one_epoch"]
+__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "train_one_epoch", "validate"]
+
+#: Optimizer steps between host reads of the running loss and the non-finite-step counters.
+SYNC_EVERY = 10
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -63,153 +79,241 @@ def run_dir_for(cfg: Config, fold: int, out_dir: str | Path | None = None) -> Pa
     return root / (f"fold{fold}" if fold >= 0 else "full")
 
 
-def _autocast(ctx: DistContext, amp: bool) -> torch.autocast:
-    # fp16 autocast on CUDA only: CPU autocast (bf16) is slower than fp32 on most CPUs.
-    return torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=amp)
+@dataclass
+class Loop:
+    """What stays fixed while a run trains: the wrapped network and how each step runs."""
+
+    cfg: Config
+    ctx: DistContext
+    net: nn.Module  # the network as called: DDP and/or torch.compile around TrainState.model
+    loss_fn: nn.Module
+    schedule: Callable[[int], float]
+    progress: bool = True
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.ctx.device.type == "cuda"
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision on CUDA only (CPU autocast is slower than fp32 on most CPUs)."""
+        dtype = torch.bfloat16 if self.cfg.train.amp_dtype == "bf16" else torch.float16
+        enabled = self.cfg.train.amp and self.on_cuda
+        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype, enabled=enabled)
+
+    def to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        channels_last = self.cfg.train.channels_last and self.on_cuda
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        image = batch["image"].to(self.ctx.device, non_blocking=True, memory_format=memory_format)
+        return image, batch["mask"].to(self.ctx.device, non_blocking=True)
 
 
-def _to_device(batch: dict[str, Any], ctx: DistContext, channels_last: bool) -> tuple:
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    image = batch["image"].to(ctx.device, non_blocking=True, memory_format=memory_format)
-    mask = batch["mask"].to(ctx.device, non_blocking=True)
-    return image, mask
+def _optimizer_step(state: TrainState, bad: torch.Tensor) -> None:
+    """Step unless ``bad`` (a 0-dim device flag, equal on every rank) is set; no host sync.
+
+    With fp16 the GradScaler finds the same inf/NaN in the unscaled gradients (DDP has made
+    them equal on every rank) and skips; otherwise the fused AdamW takes the flag as its
+    ``found_inf`` and skips on the device. A non-fused optimizer needs one host read."""
+    optimizer = state.optimizer
+    if state.scaler.is_enabled():
+        state.scaler.step(optimizer)
+        state.scaler.update()
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, bad.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bad.item():
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _micro_batches(loader: DataLoader, accumulate: int) -> Iterator[tuple[dict, bool]]:
+    """``(batch, ends_step)``: every ``accumulate``-th batch, and the epoch's last, ends an
+    optimizer step."""
+    n = len(loader)
+    for i, batch in enumerate(loader):
+        yield batch, (i + 1) % accumulate == 0 or i + 1 == n
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    ctx: DistContext,
-    cfg: Config,
-    epoch: int,
-    start_step: int,
-    schedule: Callable[[int], float],
-    progress: bool = True,
+    loop: Loop, state: TrainState, loader: DataLoader, epoch: int
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns train_loss, lr (last), data_wait (share of the epoch
-    spent waiting for batches) and the global step reached."""
-    model.train()
-    amp = cfg.train.amp and ctx.device.type == "cuda"
-    channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    n_seen = 0
-    step = start_step
+    """One pass over ``loader``; returns train_loss (finite steps), lr (last), data_wait (share
+    of the epoch spent waiting for batches) and skipped (non-finite steps skipped)."""
+    cfg, ctx, device = loop.cfg.train, loop.ctx, loop.ctx.device
+    loop.net.train()
+    zero = torch.zeros((), device=device)
+    # Device-side running sums: [loss * n, n] over finite batches; flags and counters as floats.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    step_bad, run, worst, skipped = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+    reported = 0
+    lr = loop.schedule(state.step)
     wait = 0.0
-    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress)
+    bar = tqdm(
+        total=len(loader), desc=f"epoch {epoch} train", leave=False, disable=not loop.progress
+    )
     started = tick = time.perf_counter()
-    for i, batch in enumerate(bar):
+    for batch, ends_step in _micro_batches(loader, cfg.accumulate):
         wait += time.perf_counter() - tick
-        image, mask = _to_device(batch, ctx, channels_last)
-        lr = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(ctx, amp):
-            logits = model(image)
-        loss = loss_fn(logits.float(), mask)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {i} "
-                f"(global step {step}); try a lower train.lr, train.grad_clip, or train.amp=false"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        loss_sum += loss.detach().double().cpu() * image.shape[0]
-        n_seen += image.shape[0]
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / n_seen:.4f}", lr=f"{lr:.2e}")
+        image, mask = loop.to_device(batch)
+        # DDP all-reduces gradients on the micro-batch that ends a step, not on the others.
+        no_sync = ctx.enabled and not ends_step
+        with loop.net.no_sync() if no_sync else contextlib.nullcontext():
+            with loop.autocast():
+                logits = loop.net(image)
+            loss = loop.loss_fn(logits.float(), mask)
+            state.scaler.scale(loss / cfg.accumulate).backward()
+        finite = torch.isfinite(loss.detach())
+        step_bad = torch.maximum(step_bad, (~finite).float())
+        sums += torch.stack(
+            [torch.where(finite, loss.detach(), 0.0) * len(image), finite * len(image)]
+        ).double()
+        bar.update()
+        if ends_step:
+            lr = loop.schedule(state.step)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            state.scaler.unscale_(state.optimizer)
+            norm = nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+            step_bad = all_reduce_max(torch.maximum(step_bad, (~torch.isfinite(norm)).float()), ctx)
+            _optimizer_step(state, step_bad)
+            state.step += 1
+            run = (run + 1) * step_bad
+            worst = torch.maximum(worst, run)
+            skipped += step_bad
+            step_bad = zero.clone()
+            if state.step % SYNC_EVERY == 0:
+                reported = _report(loop, state, bar, sums, worst, skipped, reported, epoch, lr)
         tick = time.perf_counter()
+    reported = _report(loop, state, bar, sums, worst, skipped, reported, epoch, lr)
+    bar.close()
     elapsed = time.perf_counter() - started
-    totals = all_reduce_sum(torch.tensor([loss_sum.item(), n_seen, wait, elapsed]), ctx)
+    loss_sum, n_good = all_reduce_sum(sums.cpu(), ctx).tolist()
+    timing = all_reduce_sum(torch.tensor([wait, elapsed], dtype=torch.float64), ctx).tolist()
     return {
-        "train_loss": float(totals[0] / max(totals[1], 1)),
-        "lr": lr if n_seen else schedule(step),
-        "data_wait": float(totals[2] / max(totals[3], 1e-9)),
-        "step": step,
+        "train_loss": loss_sum / n_good if n_good else float("nan"),
+        "lr": lr,
+        "data_wait": timing[0] / max(timing[1], 1e-9),
+        "skipped": reported,
     }
 
 
+def _report(
+    loop: Loop, state: TrainState, bar: tqdm, sums: torch.Tensor, worst: torch.Tensor,
+    skipped: torch.Tensor, reported: int, epoch: int, lr: float,
+) -> int:  # fmt: skip
+    """The loop's one host read: progress, newly skipped steps, and the stop rule. The flags
+    are equal on every rank, so every rank stops at the same step and none is left waiting in
+    a collective."""
+    (loss_sum, n_good), (longest, total) = sums.tolist(), torch.stack([worst, skipped]).tolist()
+    total = int(total)
+    if total > reported:
+        state.skipped_steps += total - reported
+        if loop.ctx.is_main:
+            tqdm.write(
+                f"epoch {epoch}: skipped {total - reported} non-finite step(s) by global step "
+                f"{state.step} ({state.skipped_steps} in this run)"
+            )
+    if longest >= loop.cfg.train.max_bad_steps:
+        raise TrainingError(
+            f"{int(longest)} consecutive non-finite training steps in epoch {epoch} (by global "
+            f"step {state.step}; train.max_bad_steps={loop.cfg.train.max_bad_steps}); try a "
+            "lower train.lr, train.grad_clip, or train.amp=false"
+        )
+    if n_good:
+        bar.set_postfix(loss=f"{loss_sum / n_good:.4f}", lr=f"{lr:.2e}", refresh=False)
+    return total
+
+
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: nn.Module,
-    ctx: DistContext,
-    cfg: Config,
-    progress: bool = True,
+def validate(
+    loop: Loop, loader: DataLoader, scorer: VolumeScorer | None = None
 ) -> dict[str, float]:
-    """Validation loss and per-image Dice/IoU (both empty counts as 1), summed over ranks."""
-    model.eval()
-    amp = cfg.train.amp and ctx.device.type == "cuda"
-    channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
-    acc = SegMetricAccumulator(CLASSES, threshold=cfg.train.threshold)
-    loss_sum, n_seen = 0.0, 0
-    for batch in tqdm(loader, desc="validate", leave=False, disable=not progress):
-        image, mask = _to_device(batch, ctx, channels_last)
-        with _autocast(ctx, amp):
-            logits = model(image)
+    """Validation loss, per-image Dice/IoU (both empty counts as 1) and, with a ``scorer``, the
+    competition score of the whole validation volumes; all summed over ranks."""
+    loop.net.eval()
+    acc = SegMetricAccumulator(CLASSES, threshold=loop.cfg.train.threshold)
+    if scorer is not None:
+        scorer.reset()
+    loss_sum, n_seen, score_seconds = 0.0, 0, 0.0
+    for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
+        image, mask = loop.to_device(batch)
+        with loop.autocast():
+            logits = loop.net(image)
         logits = logits.float()
-        loss_sum += loss_fn(logits, mask).item() * image.shape[0]
+        loss_sum += loop.loss_fn(logits, mask).item() * image.shape[0]
         n_seen += image.shape[0]
-        acc.update(torch.sigmoid(logits), mask)
-    acc.load_state(all_reduce_sum(acc.state(), ctx))
-    totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), ctx)
+        probs = torch.sigmoid(logits)
+        acc.update(probs, mask)
+        if scorer is not None:
+            started = time.perf_counter()
+            scorer.update(probs, batch["index"].tolist())
+            score_seconds += time.perf_counter() - started
+    acc.load_state(all_reduce_sum(acc.state(), loop.ctx))
+    totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
     metrics = {"val_loss": float(totals[0] / max(totals[1], 1))}
     metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
+    if scorer is not None:
+        scorer.load_state(all_reduce_sum(scorer.state(), loop.ctx))
+        result = scorer.compute()
+        metrics["val_score"] = result["score"]
+        metrics["val_hausdorff"] = result["hausdorff"]
+        metrics["score_seconds"] = score_seconds
     return metrics
 
 
 def _seed_worker(worker_id: int) -> None:
     """Distinct, reproducible random streams per DataLoader worker (numpy and albumentations
-    would otherwise repeat the parent's stream in every forked worker)."""
+    would otherwise repeat the parent's stream in every forked worker). The base seed comes
+    from the rank's own torch stream, so ranks differ, also after a resume."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     info = get_worker_info()
     dataset = info.dataset if info else None
-    if isinstance(dataset, Subset):
-        dataset = dataset.dataset
     if dataset is not None and getattr(dataset, "transform", None) is not None:
         dataset.transform.set_random_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    # Augmentation randomness lives in the transforms' own generators, seeded per epoch and
-    # worker; these are the process-wide streams (dropout, anything torch samples).
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def _split(table: pd.DataFrame, fold: int, folds_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if fold < 0:
         return table, table.iloc[:0]
     table = load_folds(folds_csv, table)
-    known = sorted(table["fold"].unique())
+    known = [int(f) for f in sorted(table["fold"].unique())]
     if fold not in known:
         raise DataError(f"{folds_csv}: there is no fold {fold}; its folds are {known}")
     return table[table["fold"] != fold], table[table["fold"] == fold]
 
 
-def _loaders(
-    cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, cache: VolumeCache, ctx: DistContext
-) -> tuple[DataLoader, DataLoader | None, DistributedSampler]:
+def _build_cache(table: pd.DataFrame, cache_dir: str | None, progress: bool) -> VolumeCache:
+    """Every rank's cache, built before the process group exists, so no rank waits in a
+    collective (NCCL's watchdog would kill it) while the ~8 GB real-data cache is written.
+
+    Each process on a machine first builds its own share of the case-days, then opens the
+    whole cache, building whatever another process has not finished yet (entries are written
+    atomically, so two builders of one entry are harmless)."""
+    _, _, local_rank, local_world = launch_env()
+    if local_world > 1:
+        days = sorted(table["case_day"].unique())
+        share = table[table["case_day"].isin(days[local_rank::local_world])]
+        VolumeCache(share, cache_dir, with_masks=True, progress=progress)
+    return VolumeCache(table, cache_dir, with_masks=True, progress=progress)
+
+
+@dataclass
+class _Data:
+    train_loader: DataLoader
+    sampler: DistributedSampler
+    val_loader: DataLoader | None
+    scorer: VolumeScorer | None
+    n_train: int
+    n_val: int
+
+
+def _data(
+    cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, cache: VolumeCache,
+    ctx: DistContext,
+) -> _Data:  # fmt: skip
     train_ds = SliceDataset(train_df, cache, cfg.data, build_train_transform(cfg.train))
     train_ds.transform.set_random_seed(cfg.train.seed + ctx.rank)
     # DistributedSampler with an explicit rank also serves the single-process case: it gives
@@ -217,7 +321,8 @@ def _loaders(
     sampler = DistributedSampler(
         train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.train.seed
     )
-    workers = cfg.data.num_workers
+    _, _, _, local_world = launch_env()
+    workers = resolve_num_workers(cfg.data.num_workers, local_world)
     common = {
         "num_workers": workers,
         "pin_memory": ctx.device.type == "cuda",
@@ -228,19 +333,47 @@ def _loaders(
     train_loader = DataLoader(
         train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last, **common
     )
-    val_loader = None
+    val_loader, scorer = None, None
     if len(val_df):
-        # Each rank takes every world_size-th slice, without the padding DistributedSampler
-        # adds, so the summed metrics count every validation slice exactly once.
-        val_ds = SliceDataset(val_df, cache, cfg.data)
-        shard = Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size))
-        val_loader = DataLoader(shard, cfg.train.batch_size * 2, shuffle=False, **common)
-    return train_loader, val_loader, sampler
+        # Each rank takes whole case-days, so each volume is scored where all its slices are;
+        # the summed metrics count every validation slice exactly once.
+        shard = shard_case_days(val_df, ctx.rank, ctx.world_size)
+        val_ds = SliceDataset(shard, cache, cfg.data)
+        val_loader = DataLoader(val_ds, cfg.train.batch_size * 2, shuffle=False, **common)
+        if cfg.train.select_by == "score":
+            profile, threshold = cfg.train.select_metric, cfg.train.threshold
+            scorer = VolumeScorer(val_ds, shard, cache, profile, threshold)
+    return _Data(train_loader, sampler, val_loader, scorer, len(train_df), len(val_df))
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    return inner.state_dict()
+def _optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused where the device has the kernel: one launch per step, and it can skip a
+    non-finite step on the device (see _optimizer_step)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused
+    )
+
+
+def _wrap(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
+    """The network as the loop calls it: DDP across ranks, then torch.compile if asked."""
+    net = model
+    if ctx.enabled:
+        net = DistributedDataParallel(
+            net, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A SummaryWriter on ``run_dir/tb`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
 def fit(
@@ -254,121 +387,113 @@ def fit(
 ) -> Path:
     """Train ``fold`` (validate on it, train on the others; ``-1``: train on everything) and
     return the run folder."""
+    rank = launch_env()[0]
+    data_dir = resolve_data_dir(data_dir, cfg.data.root)
+    folds_csv = Path(folds_csv if folds_csv is not None else cfg.data.folds_csv)
+    table = load_train_table(data_dir, cfg.data.exclude)
+    train_df, val_df = _split(table, fold, folds_csv)
+    cache = _build_cache(table, cfg.data.cache_dir, progress and rank == 0)
     ctx = init_distributed()
     try:
-        return _fit(cfg, fold, data_dir, folds_csv, out_dir, resume, progress, ctx)
+        return _fit(cfg, fold, run_dir_for(cfg, fold, out_dir), (train_df, val_df, cache),
+                    resume, progress and ctx.is_main, ctx)  # fmt: skip
     finally:
         cleanup_distributed(ctx)
 
 
 def _fit(
-    cfg: Config,
-    fold: int,
-    data_dir: str | Path | None,
-    folds_csv: str | Path | None,
-    out_dir: str | Path | None,
-    resume: bool,
-    progress: bool,
-    ctx: DistContext,
-) -> Path:
-    progress = progress and ctx.is_main
+    cfg: Config, fold: int, run_dir: Path, split: tuple[pd.DataFrame, pd.DataFrame, VolumeCache],
+    resume: bool, progress: bool, ctx: DistContext,
+) -> Path:  # fmt: skip
     torch.manual_seed(cfg.train.seed + ctx.rank)
     random.seed(cfg.train.seed + ctx.rank)
-    data_dir = resolve_data_dir(data_dir, cfg.data.root)
-    folds_csv = Path(folds_csv if folds_csv is not None else cfg.data.folds_csv)
-    run_dir = run_dir_for(cfg, fold, out_dir)
-
-    table = load_train_table(data_dir, cfg.data.exclude)
-    train_df, val_df = _split(table, fold, folds_csv)
-    # Rank 0 builds the volume cache; the others wait, then find every entry already there.
-    if ctx.is_main:
-        cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
-    barrier(ctx)
-    if not ctx.is_main:
-        cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=False)
-    train_loader, val_loader, sampler = _loaders(cfg, train_df, val_df, cache, ctx)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one fixed canvas: the tuned kernels are reused
+    data = _data(cfg, *split, ctx)
 
     last_path = run_dir / "last.pt"
     ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if ckpt is not None:
+        check_resumable(ckpt["config"], cfg, last_path)
     # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
     model_cfg = replace(cfg.model, encoder_weights=None) if ckpt else cfg.model
     model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=len(CLASSES))
     model = model.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and ctx.device.type == "cuda")
-    loss_fn = build_loss(cfg.train)
+    fp16 = cfg.train.amp and cfg.train.amp_dtype == "fp16" and ctx.device.type == "cuda"
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
+    state = TrainState(model, _optimizer(model, cfg, ctx.device), scaler)
 
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(len(data.train_loader) / cfg.train.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(steps_per_epoch * cfg.train.warmup_epochs)
 
     def schedule(step: int) -> float:
         return lr_at(step, total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr)
 
-    start_epoch, step, best_dice, history = 1, 0, -1.0, []
+    history: list[dict[str, Any]] = []
     if ckpt is not None:
-        if ckpt["config"]["model"] != config_to_dict(cfg)["model"]:
-            raise CheckpointError(
-                f"{last_path}: its model config {ckpt['config']['model']} differs from this "
-                f"run's {config_to_dict(cfg)['model']}; resume with the same config"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["scheduler"]["step"]
-        best_dice = ckpt["best_dice"]
-        _set_rng_state(ckpt["rng"])
+        state.restore(ckpt, ctx.rank, ctx.world_size, cfg.train.seed)
         if (run_dir / "history.csv").exists():
             old = pd.read_csv(run_dir / "history.csv")
-            history = old[old["epoch"] < start_epoch].to_dict("records")
+            history = old[old["epoch"] <= state.epoch].to_dict("records")
         if ctx.is_main:
-            print(f"resuming {run_dir} after epoch {ckpt['epoch']} (best val Dice {best_dice:.4f})")
+            print(f"resuming {run_dir} after epoch {state.epoch} (best {state.best:.4f})")
+            for note in state.notes:
+                print(f"note: {note}")
     elif resume and ctx.is_main:
         print(f"nothing to resume in {run_dir}: starting from scratch")
 
-    if ctx.enabled:
-        model = DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
-        )
+    loop = Loop(cfg, ctx, _wrap(model, cfg, ctx), build_loss(cfg.train), schedule, progress)
+    writer = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        writer = _tensorboard(run_dir)
         print(
             f"training {cfg.name} fold {fold} on {ctx.device} x{ctx.world_size}: "
-            f"{len(train_df)} train / {len(val_df)} val slices, {steps_per_epoch} steps/epoch"
+            f"{data.n_train} train / {data.n_val} val slices, {steps_per_epoch} steps/epoch"
         )
-
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        row: dict[str, Any] = {"epoch": epoch}
-        stats = train_one_epoch(
-            model, train_loader, loss_fn, optimizer, scaler, ctx, cfg, epoch, step, schedule,
-            progress,
-        )  # fmt: skip
-        step = stats.pop("step")
-        row.update(stats)
-        if val_loader is not None:
-            row.update(evaluate(model, val_loader, loss_fn, ctx, cfg, progress))
-        row["seconds"] = time.perf_counter() - started
-        history.append(row)
-        val_dice = row.get("val_dice", float("nan"))
-        # With no validation set (fold -1) the latest weights are the best we know.
-        improved = math.isnan(val_dice) or val_dice > best_dice
-        if improved and not math.isnan(val_dice):
-            best_dice = val_dice
-        if ctx.is_main:
-            _write_outputs(
-                run_dir, cfg, fold, epoch, step, best_dice, improved, row, history, model,
-                optimizer, scaler,
-            )  # fmt: skip
-            print(_epoch_line(row, cfg.train.epochs, improved))
-        barrier(ctx)
+    try:
+        for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+            _epoch(loop, state, data, epoch, run_dir, fold, history, writer)
+    finally:
+        if writer is not None:
+            writer.close()
     return run_dir
+
+
+def _epoch(
+    loop: Loop, state: TrainState, data: _Data, epoch: int, run_dir: Path, fold: int,
+    history: list[dict[str, Any]], writer: Any,
+) -> None:  # fmt: skip
+    """Train, validate, select, and (rank 0) write one epoch's outputs."""
+    started = time.perf_counter()
+    data.sampler.set_epoch(epoch)
+    row: dict[str, Any] = {"epoch": epoch}
+    row.update(train_one_epoch(loop, state, data.train_loader, epoch))
+    if data.val_loader is not None:
+        row.update(validate(loop, data.val_loader, data.scorer))
+    row["seconds"] = time.perf_counter() - started
+    history.append(row)
+    key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
+    value = row.get(key, float("nan"))
+    # With no validation set (fold -1) the latest weights are the best we know.
+    improved = math.isnan(value) or value > state.best
+    if improved and not math.isnan(value):
+        state.best = value
+    state.epoch = epoch
+    rng = all_gather_objects(capture_rng(), loop.ctx)  # every rank's own streams
+    if loop.ctx.is_main:
+        _write_outputs(run_dir, loop.cfg, fold, state, improved, row, history, rng)
+        if writer is not None:
+            for name, number in row.items():
+                if name != "epoch" and isinstance(number, (int, float)):
+                    writer.add_scalar(name, number, epoch)
+            writer.flush()
+        print(_epoch_line(row, loop.cfg.train.epochs, improved))
+    barrier(loop.ctx)
 
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
@@ -376,51 +501,38 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     if "val_loss" in row:
         text += f"  val_loss {row['val_loss']:.4f}  val_dice {row['val_dice']:.4f}"
         text += f"  val_iou {row['val_iou']:.4f}"
+    if "val_score" in row:
+        text += f"  val_score {row['val_score']:.4f}"
+    if row.get("skipped"):
+        text += f"  skipped {row['skipped']}"
     text += f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
     return text + ("  *best*" if improved else "")
 
 
 def _write_outputs(
-    run_dir: Path,
-    cfg: Config,
-    fold: int,
-    epoch: int,
-    step: int,
-    best_dice: float,
-    improved: bool,
-    row: dict[str, Any],
-    history: list[dict[str, Any]],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> None:
+    run_dir: Path, cfg: Config, fold: int, state: TrainState, improved: bool,
+    row: dict[str, Any], history: list[dict[str, Any]], rng: list[dict[str, Any]],
+) -> None:  # fmt: skip
     """Rank 0's files after an epoch. best.pt is written before last.pt, so a run killed
     between the two resumes from the previous epoch and simply redoes this one."""
-    weights = _model_state(model)
     meta = {
         "fold": fold,
-        "epoch": epoch,
+        "epoch": state.epoch,
         "val_dice": float(row.get("val_dice", float("nan"))),
+        "val_score": float(row.get("val_score", float("nan"))),
+        "select_by": cfg.train.select_by,
         "classes": list(CLASSES),
         "in_channels": cfg.data.n_slices,
         "gitract_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
     }
     config = config_to_dict(cfg)
+    last = state.checkpoint(config, meta, rng)
     if improved:
-        save_checkpoint({"model": weights, "config": config, "meta": meta}, run_dir / "best.pt")
-    state = {
-        "model": weights,
-        "config": config,
-        "meta": meta,
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "scheduler": {"step": step},
-        "best_dice": best_dice,
-        "rng": _rng_state(),
-    }
-    save_checkpoint(state, run_dir / "last.pt")
+        save_checkpoint(
+            {"model": last["model"], "config": config, "meta": meta}, run_dir / "best.pt"
+        )
+    save_checkpoint(last, run_dir / "last.pt")
     frame = pd.DataFrame(history)
     with atomic_path(run_dir / "history.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")

@@ -15,6 +15,7 @@ from pathlib import Path
 from gitract.cli import run_main
 from gitract.config import load_config
 from gitract.data import resolve_data_dir
+from gitract.distributed import resolve_num_workers
 from gitract.inference import infer_oof, infer_test
 
 
@@ -45,7 +46,7 @@ def main() -> None:
     runs = Path(args.runs) if args.runs else Path(cfg.train.out_dir) / cfg.name
     out = Path(args.out) if args.out else (Path(cfg.infer.out) if cfg.infer.out else None)
     progress = not args.no_progress
-    workers = cfg.data.num_workers  # 0 reads slices in the main process (fine on a CPU)
+    workers = resolve_num_workers(cfg.data.num_workers)  # 0: slices read in the main process
     if args.oof:
         folds = [args.fold] if args.fold is not None else args.folds
         folds_csv = Path(args.folds_csv or cfg.data.folds_csv)

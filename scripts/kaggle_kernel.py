@@ -159,13 +159,14 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     wheels = ensure_gitract(root, force=True)
     runs = Path(args.runs) if args.runs else find_runs(wheels.parent)
 
+    from gitract.distributed import resolve_num_workers
     from gitract.inference import infer_test
     from gitract.kaggle import run_config
 
     cfg = run_config(runs)
     workers = args.num_workers
     if workers is None:
-        workers = min(cfg.data.num_workers, os.cpu_count() or 1)
+        workers = resolve_num_workers(cfg.data.num_workers)
     out = root / "working" / "submission.csv"
     print(f"runs {runs}, data {data_dir}, cache {os.environ['GITRACT_CACHE_DIR']}", flush=True)
     infer_test(

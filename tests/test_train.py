@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
 # Small and quick: 64x64 canvas, no workers (tests run side by side on 2 cores).
 FAST = ["data.img_size=[64, 64]", "data.num_workers=0", "train.batch_size=8"]
+
+
+needs_torchrun = pytest.mark.skipif(
+    not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed"
+)
 
 
 def _train_cmd(synthetic_set, out_dir: Path, *overrides: str, fold: int = 0) -> list[str]:
@@ -69,11 +73,15 @@ def test_run_folder_follows_the_contract(trained_run: Path) -> None:
         assert (trained_run / name).is_file(), name
     assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]  # no temp files left
     history = pd.read_csv(trained_run / "history.csv")
-    for column in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds"):
+    columns = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds")
+    for column in (*columns, "val_score", "val_hausdorff", "skipped"):
         assert column in history
     best = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
     assert best["config"]["model"]["encoder_name"] == load_config(DEMO).model.encoder_name
-    assert best["meta"]["val_dice"] == pytest.approx(history["val_dice"].max())
+    # best.pt follows the competition score (train.select_by: score), not the Dice.
+    assert best["meta"]["select_by"] == "score"
+    assert best["meta"]["val_score"] == pytest.approx(history["val_score"].max())
+    assert history["val_hausdorff"].min() >= 0 and history["val_hausdorff"].max() <= 1
     last = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 10 and {"optimizer", "scaler", "scheduler", "rng"} <= set(last)
     assert load_config(trained_run / "config.yaml").train.epochs == 10
@@ -113,11 +121,43 @@ def test_killed_run_resumes_to_the_planned_epochs(synthetic_set, tmp_path: Path)
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["epoch"] == 3
     best = torch.load(run_dir / "best.pt", weights_only=True)
-    assert best["meta"]["val_dice"] == pytest.approx(history["val_dice"].max())
+    assert best["meta"]["val_score"] == pytest.approx(history["val_score"].max())
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name(
-    "torchrun").exists(), reason="torchrun not installed")  # fmt: skip
+def test_resume_refuses_a_changed_recipe(synthetic_set, tmp_path: Path) -> None:
+    cmd = [sys.executable, *_train_cmd(synthetic_set, tmp_path, "train.epochs=1")]
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    last = tmp_path / "demo_cpu" / "fold0" / "last.pt"
+    before = last.read_bytes()
+    changed = [*cmd, "train.epochs=3", "data.num_workers=1", "--resume"]
+    done = subprocess.run(changed, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    # One line naming the recipe key; a changed worker count is not a recipe change.
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "cannot resume with a changed recipe (train.epochs 1 -> 3)" in done.stderr
+    assert last.read_bytes() == before
+
+
+def test_resume_on_amp_after_a_run_without_a_scaler(synthetic_set, tmp_path: Path) -> None:
+    """A CPU (or amp: false) run's last.pt has an empty scaler state; an fp16 run resuming it
+    starts a fresh scaler instead of dying in GradScaler.load_state_dict."""
+    from gitract.model import build_model
+    from gitract.train_state import TrainState
+
+    cfg = load_config(DEMO, FAST)
+    model = build_model(cfg.model, in_channels=3)
+    saved = TrainState(
+        model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+    )
+    saved.epoch, saved.step = 2, 17
+    ckpt = saved.checkpoint({}, {}, [])
+    state = TrainState(model, torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu"))
+    state.restore(ckpt, rank=0, world_size=1, seed=0)
+    assert (state.epoch, state.step) == (2, 17)
+    assert any("fresh" in note for note in state.notes)
+
+
+@needs_torchrun
 def test_torchrun_two_processes_write_one_set_of_outputs(synthetic_set, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
@@ -135,7 +175,11 @@ def test_torchrun_two_processes_write_one_set_of_outputs(synthetic_set, tmp_path
     assert len(history) == 1 and not math.isnan(history["val_dice"].iloc[0])
 
 
-def test_non_finite_loss_stops_with_the_step(synthetic_set, tmp_path: Path, monkeypatch) -> None:
+def test_non_finite_steps_are_skipped_then_stop_the_run(
+    synthetic_set, tmp_path: Path, monkeypatch
+) -> None:
+    """Every step NaN: the first ones are skipped (weights untouched), and the run stops with
+    one clear error once train.max_bad_steps of them come in a row."""
     import gitract.engine as engine
 
     class NaNLoss(torch.nn.Module):
@@ -143,11 +187,91 @@ def test_non_finite_loss_stops_with_the_step(synthetic_set, tmp_path: Path, monk
             return logits.mean() * float("nan")
 
     monkeypatch.setattr(engine, "build_loss", lambda _: NaNLoss())
-    cfg = load_config(DEMO, [*FAST, "train.epochs=1"])
+    cfg = load_config(DEMO, [*FAST, "train.epochs=1", "train.max_bad_steps=2"])
     with pytest.raises(
-        TrainingError, match=r"non-finite training loss \(nan\) at epoch 1, batch 0"
+        TrainingError, match=r"consecutive non-finite training steps in epoch 1 .*max_bad_steps=2"
     ):
         fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(
+    synthetic_set, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import gitract.engine as engine
+
+    real = engine.build_loss
+
+    def nan_on_second_call(train_cfg):
+        loss_fn, calls = real(train_cfg), []
+
+        def forward(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            value = loss_fn(logits, targets)
+            return value * float("nan") if len(calls) == 2 else value
+
+        return forward
+
+    monkeypatch.setattr(engine, "build_loss", nan_on_second_call)
+    cfg = load_config(DEMO, [*FAST, "train.epochs=1"])
+    run_dir = fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["skipped"].tolist() == [1]
+    assert math.isfinite(history["train_loss"].iloc[0])
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert "skipped 1 non-finite step(s) by global step" in capsys.readouterr().out
+
+
+PROBE = ROOT / "tests" / "probes" / "train_probe.py"
+
+
+def _torchrun(synthetic_set, out_dir: Path, *overrides: str, env: dict | None = None, resume=False):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(PROBE),
+           *_train_cmd(synthetic_set, out_dir, *overrides)[1:]]  # fmt: skip
+    if resume:
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+@needs_torchrun
+def test_torchrun_skips_a_nan_on_one_rank_on_every_rank(synthetic_set, tmp_path: Path) -> None:
+    """Rank 0 alone sees a NaN loss at its 2nd step: both ranks skip that step (the flag is
+    all-reduced), nobody hangs in a collective, and the run finishes and says so."""
+    done = _torchrun(synthetic_set, tmp_path, "train.epochs=1", "train.batch_size=4",
+                     env={"GITRACT_PROBE_NAN_AT": "2"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped 1 non-finite step(s)" in done.stdout + done.stderr
+    run_dir = tmp_path / "demo_cpu" / "fold0"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["skipped_steps"] == 1 and last["scheduler"]["step"] >= 3
+    assert len(last["rng"]) == 2  # each rank's own random streams
+
+
+@needs_torchrun
+def test_resumed_ranks_draw_different_augmentations(synthetic_set, tmp_path: Path) -> None:
+    """Every rank is fed the same slices (the probe's sampler), with a DataLoader worker whose
+    seed comes from the rank's torch stream: after a resume the first batches still differ,
+    because each rank got its own streams back (not rank 0's)."""
+    overrides = ("train.batch_size=4", "data.num_workers=1", "train.aug_hflip=0.5",
+                 "train.aug_brightness=1.0")  # fmt: skip
+    first = _torchrun(synthetic_set, tmp_path, "train.epochs=2", *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # As if killed after epoch 1: the resume then trains epoch 2 again.
+    last_path = tmp_path / "demo_cpu" / "fold0" / "last.pt"
+    last = torch.load(last_path, weights_only=True)
+    last["epoch"], last["scheduler"]["step"] = 1, last["scheduler"]["step"] // 2
+    torch.save(last, last_path)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    done = _torchrun(synthetic_set, tmp_path, "train.epochs=2", *overrides, resume=True,
+                     env={"GITRACT_PROBE_SAME_SAMPLES": str(probe)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    sums = [(probe / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert sums[0] != sums[1]
 
 
 @pytest.mark.parametrize(
@@ -164,3 +288,35 @@ def test_config_errors_are_one_line(synthetic_set, tmp_path: Path, override, mes
     assert message in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "demo_cpu").exists()
+
+
+def test_each_process_builds_its_share_of_the_cache_before_the_process_group(
+    synthetic_set, tmp_path: Path, monkeypatch
+) -> None:
+    """No rank may sit in a collective while the (real-data: ~8 GB) cache is written, or NCCL's
+    watchdog kills it: every process builds its share, then opens the whole cache, all before
+    the process group exists."""
+    import gitract.engine as engine
+
+    built: list[list[str]] = []
+
+    class Recording(engine.VolumeCache):
+        def __init__(self, table, *args, **kwargs) -> None:
+            built.append(sorted(table["case_day"].unique()))
+            super().__init__(table, *args, **kwargs)
+
+    class Joined(Exception):
+        pass
+
+    def init_distributed():
+        raise Joined(built)
+
+    monkeypatch.setattr(engine, "VolumeCache", Recording)
+    monkeypatch.setattr(engine, "init_distributed", init_distributed)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = load_config(DEMO, [*FAST, f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(Joined):
+        fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
+    days = sorted(load_train_table(synthetic_set.root)["case_day"].unique())
+    assert built == [days[1::2], days]
