@@ -236,7 +236,7 @@ def measure_sizes(
         row: dict[str, Any] = {"batch_size": batch_size, "oom": False}
         try:
             row.update(measure(cfg, batches, steps, device))
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # older torch has only this name
             # The peak is what was reached before the failed allocation.
             row.update(oom=True, images_per_s=None, peak_gib=_peak_gib(device))
         del batches

@@ -85,7 +85,7 @@ def test_out_of_memory_is_reported_for_its_size_only(gpu_check) -> None:
     def measure(cfg, batches, steps, device):
         seen.append(batches[0][0].shape[0])
         if seen[-1] == 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return gpu_check.measure_inference(cfg, batches, steps, device)
 
     rows = gpu_check.measure_sizes(measure, cfg, dataset, [2, 4, 8], 1, device)
