@@ -169,7 +169,7 @@ def test_torchrun_two_processes_write_one_set_of_outputs(synthetic_set, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("training demo_cpu fold 0 on cpu x2") == 1
     run_dir = tmp_path / "demo_cpu" / "fold0"
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != "tb")  # tb: TensorBoard's
     assert names == ["best.pt", "config.yaml", "curves.png", "history.csv", "last.pt"]
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == 1 and not math.isnan(history["val_dice"].iloc[0])
@@ -320,3 +320,24 @@ def test_each_process_builds_its_share_of_the_cache_before_the_process_group(
         fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
     days = sorted(load_train_table(synthetic_set.root)["case_day"].unique())
     assert built == [days[1::2], days]
+
+
+def test_accumulated_steps_and_tensorboard_log(synthetic_set, tmp_path: Path) -> None:
+    """train.accumulate=2 takes one optimizer step per two batches (the schedule counts steps),
+    and the per-epoch metrics and learning rate reach TensorBoard when it is installed."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(DEMO, [*FAST, "train.epochs=1", "train.accumulate=2"])
+    run_dir = fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
+    table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
+    batches = int((table["fold"] != 0).sum()) // cfg.train.batch_size  # drop_last
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["scheduler"]["step"] == math.ceil(batches / 2)
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "lr", "val_loss", "val_dice", "val_score"} <= tags
+    history = pd.read_csv(run_dir / "history.csv")
+    logged = events.Scalars("val_score")[0]
+    assert (logged.step, logged.value) == (1, pytest.approx(history["val_score"].iloc[0], 1e-5))
