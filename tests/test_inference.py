@@ -121,6 +121,11 @@ def test_tta_views_are_flipped_back(demo_cfg) -> None:
     assert torch.allclose(got, want, atol=1e-6)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 8, 12)
 
+    batches: list[int] = []
+    model.register_forward_hook(lambda _m, inputs, _out: batches.append(len(inputs[0])))
+    _ensemble([model], demo_cfg, ["hflip", "vflip"]).predict(x)
+    assert batches == [6]  # the three views in one forward pass
+
 
 def test_ensemble_is_the_mean_of_its_models(demo_cfg) -> None:
     x = torch.rand(2, 3, 8, 12)
