@@ -48,6 +48,8 @@ Flip = Literal["hflip", "vflip"]
 AmpDtype = Literal["fp16", "bf16"]
 SelectBy = Literal["score", "dice"]
 MetricProfile = Literal["kaggle", "mlebench"]
+ModelKind = Literal["2.5d", "3d"]
+TrainSlices = Literal["all", "positive"]
 
 
 @dataclass
@@ -61,17 +63,24 @@ class DataConfig:
     slice_stride: int = 2
     img_size: list[int] = field(default_factory=lambda: [320, 384])  # (H, W), multiples of 32
     resize_mode: ResizeMode = "pad"
-    num_workers: int | None = None  # None: suited to the machine (see engine.default_workers)
+    num_workers: int | None = None  # None: suited to the machine (resolve_num_workers)
     cache_dir: str | None = None
+    z_channel: bool = False  # 2.5D: add the slice's relative position (index / depth) as a channel
+    train_slices: TrainSlices = "all"  # 2.5D: "positive" trains on slices with an organ only
+    grid_hw: list[int] = field(default_factory=lambda: [256, 256])  # 3D: in-plane grid (H, W)
+    patch_size: list[int] = field(default_factory=lambda: [80, 160, 160])  # 3D: (D, H, W)
 
 
 @dataclass
 class ModelConfig:
     """Any smp architecture and encoder; ``encoder_weights`` is a name, a local file or None."""
 
-    arch: str = "Unet"
-    encoder_name: str = "efficientnet-b7"
-    encoder_weights: str | None = "imagenet"
+    kind: ModelKind = "2.5d"  # "3d": a MONAI network on whole case-day volumes
+    arch: str = "Unet"  # 2.5D: an smp architecture; 3D: SegResNet
+    encoder_name: str = "efficientnet-b7"  # 2.5D only
+    encoder_weights: str | None = "imagenet"  # 2.5D only
+    aux_head: bool = False  # 2.5D: a per-slice "organ present" head (smp aux_params)
+    init_filters: int = 16  # 3D: width of the first SegResNet block
 
 
 @dataclass
@@ -103,6 +112,8 @@ class TrainConfig:
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
     select_by: SelectBy = "score"  # what best.pt follows: competition score or mean Dice
     select_metric: MetricProfile = "kaggle"  # the score's profile when select_by is score
+    aux_weight: float = 0.2  # weight of the aux head's BCE on slice presence
+    ema_decay: float | None = None  # EMA of the weights (validation and best.pt use it); null: off
 
 
 @dataclass
@@ -114,6 +125,8 @@ class InferConfig:
     thresholds: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     min_component_size: list[int] = field(default_factory=lambda: [0, 0, 0])
     out: str | None = None
+    sw_overlap: float = 0.5  # 3D: sliding-window overlap
+    sw_batch_size: int = 4  # 3D: windows per forward pass
 
 
 @dataclass
