@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
@@ -179,6 +180,8 @@ def train_one_epoch(
             step_bad = all_reduce_max(torch.maximum(step_bad, (~torch.isfinite(norm)).float()), ctx)
             _optimizer_step(state, step_bad)
             state.step += 1
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.step)
             run = (run + 1) * step_bad
             worst = torch.maximum(worst, run)
             skipped += step_bad
@@ -228,11 +231,16 @@ def _report(
 
 @torch.inference_mode()
 def validate(
-    loop: Loop, loader: DataLoader, scorer: VolumeScorer | None = None
+    loop: Loop,
+    loader: DataLoader,
+    scorer: VolumeScorer | None = None,
+    model: nn.Module | None = None,
 ) -> dict[str, float]:
     """Validation loss, per-image Dice/IoU (both empty counts as 1) and, with a ``scorer``, the
-    competition score of the whole validation volumes; all summed over ranks."""
-    loop.net.eval()
+    competition score of the whole validation volumes; all summed over ranks. ``model``: the
+    network to validate (the EMA's), else the loop's."""
+    net = model if model is not None else loop.net
+    net.eval()
     acc = SegMetricAccumulator(CLASSES, threshold=loop.cfg.train.threshold)
     if scorer is not None:
         scorer.reset()
@@ -240,7 +248,7 @@ def validate(
     for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
         image, mask = loop.to_device(batch)
         with loop.autocast():
-            logits = loop.net(image)
+            logits = net(image)
         logits = logits.float()
         loss_sum += loop.loss_fn(logits, mask).item() * image.shape[0]
         n_seen += image.shape[0]
@@ -423,7 +431,11 @@ def _fit(
         model = model.to(memory_format=torch.channels_last)
     fp16 = cfg.train.amp and cfg.train.amp_dtype == "fp16" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
-    state = TrainState(model, _optimizer(model, cfg, ctx.device), scaler)
+    ema = None
+    if cfg.train.ema_decay is not None:
+        # Built on the bare model before DDP wraps it; every rank averages the same weights.
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
+    state = TrainState(model, _optimizer(model, cfg, ctx.device), scaler, ema)
 
     steps_per_epoch = math.ceil(len(data.train_loader) / cfg.train.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -474,7 +486,7 @@ def _epoch(
     row: dict[str, Any] = {"epoch": epoch}
     row.update(train_one_epoch(loop, state, data.train_loader, epoch))
     if data.val_loader is not None:
-        row.update(validate(loop, data.val_loader, data.scorer))
+        row.update(validate(loop, data.val_loader, data.scorer, state.eval_model))
     row["seconds"] = time.perf_counter() - started
     history.append(row)
     key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
@@ -528,10 +540,9 @@ def _write_outputs(
     }
     config = config_to_dict(cfg)
     last = state.checkpoint(config, meta, rng)
-    if improved:
-        save_checkpoint(
-            {"model": last["model"], "config": config, "meta": meta}, run_dir / "best.pt"
-        )
+    if improved:  # the validated weights: the EMA's when there is one
+        best = {"model": last.get("ema", last["model"]), "config": config, "meta": meta}
+        save_checkpoint(best, run_dir / "best.pt")
     save_checkpoint(last, run_dir / "last.pt")
     frame = pd.DataFrame(history)
     with atomic_path(run_dir / "history.csv") as tmp:

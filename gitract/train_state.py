@@ -1,9 +1,9 @@
 """A training run's state in one object, saved to ``last.pt`` and restored from it as a whole.
 
-The network, optimizer, AMP scaler, schedule position, best score so far and every rank's
-random streams live here, so a feature that adds state (EMA weights, an auxiliary head) adds a
-field and its two lines in :meth:`TrainState.checkpoint` / :meth:`TrainState.restore` instead of
-an argument to every function of the loop.
+The network, its EMA, optimizer, AMP scaler, schedule position, best score so far and every
+rank's random streams live here, so a feature that adds state adds a field and its lines in
+:meth:`TrainState.checkpoint` / :meth:`TrainState.restore` instead of an argument to every
+function of the loop.
 
 Resuming is strict about the recipe: a changed ``train.epochs`` or ``train.batch_size`` would
 silently put the saved step on another learning-rate schedule, so :func:`check_resumable` names
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from gitract.config import Config, config_from_dict, config_to_dict
@@ -104,17 +105,25 @@ class TrainState:
     model: nn.Module  # the bare network, never its DDP or torch.compile wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None = None  # moving average of the weights (train.ema_decay)
     epoch: int = 0  # last finished epoch
     step: int = 0  # optimizer steps taken: the learning-rate schedule's position
     best: float = -math.inf  # best value of the selection metric (train.select_by)
     skipped_steps: int = 0  # non-finite steps skipped so far
     notes: list[str] = field(default_factory=list)  # what restore had to adapt, for the log
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and go into best.pt: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     def checkpoint(
         self, config: dict[str, Any], meta: dict[str, Any], rng: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """The ``last.pt`` dict (``weights_only``-loadable); ``rng`` has one entry per rank."""
+        ema = {"ema": self.ema.module.state_dict()} if self.ema is not None else {}
         return {
+            **ema,
             "model": self.model.state_dict(),
             "config": config,
             "meta": meta,
@@ -130,6 +139,9 @@ class TrainState:
     def restore(self, ckpt: dict[str, Any], rank: int, world_size: int, seed: int) -> None:
         """Load ``ckpt`` (a ``last.pt`` of the same recipe) into this state, in place."""
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            # A run that turned EMA on at resume starts its average from the current weights.
+            self.ema.module.load_state_dict(ckpt.get("ema", ckpt["model"]))
         # The optimizer's settings (fused, foreach) are this run's: the checkpoint may come
         # from a version that built it differently, and only its state is wanted.
         settings = [

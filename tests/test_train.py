@@ -341,3 +341,33 @@ def test_accumulated_steps_and_tensorboard_log(synthetic_set, tmp_path: Path) ->
     history = pd.read_csv(run_dir / "history.csv")
     logged = events.Scalars("val_score")[0]
     assert (logged.step, logged.value) == (1, pytest.approx(history["val_score"].iloc[0], 1e-5))
+
+
+@needs_torchrun
+def test_ema_weights_are_validated_saved_and_resumed_under_torchrun(
+    synthetic_set, tmp_path: Path
+) -> None:
+    """With train.ema_decay, best.pt holds the EMA weights (the ones validated), last.pt both,
+    and a two-process run killed after epoch 1 resumes with its average intact."""
+    overrides = ("train.batch_size=4", "train.ema_decay=0.9")
+    first = _torchrun(synthetic_set, tmp_path, "train.epochs=2", *overrides)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "demo_cpu" / "fold0"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert set(last["ema"]) == set(last["model"])
+    differs = [k for k, v in last["model"].items() if not torch.equal(v, last["ema"][k])]
+    assert differs  # an average, not a copy
+    # As if killed after epoch 1 (its best score included).
+    last["epoch"], last["scheduler"]["step"] = 1, last["scheduler"]["step"] // 2
+    last["best"] = float(pd.read_csv(run_dir / "history.csv")["val_score"].iloc[0])
+    torch.save(last, run_dir / "last.pt")
+    done = _torchrun(synthetic_set, tmp_path, "train.epochs=2", *overrides, resume=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    if history["val_score"].idxmax() == 1:  # epoch 2 was the best: best.pt is its EMA
+        assert all(torch.equal(v, resumed["ema"][k]) for k, v in best["model"].items())
+    assert not all(torch.equal(v, resumed["model"][k]) for k, v in best["model"].items())
