@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 
 from gitract.config import load_config
 from gitract.data import load_train_table
-from gitract.dataset import SliceDataset, build_train_transform, slice_offsets
+from gitract.dataset import (
+    CoarseElastic,
+    IntensityJitter,
+    SliceDataset,
+    build_train_transform,
+    slice_offsets,
+)
 from gitract.volumes import PERCENTILES, VolumeCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +115,85 @@ def test_train_transform_moves_image_and_mask_together(tiny_kaggle, cache) -> No
     c = ds[index]
     np.testing.assert_array_equal(c["mask"].numpy(), a["mask"].numpy()[..., ::-1])
     np.testing.assert_allclose(c["image"].numpy(), a["image"].numpy()[..., ::-1])
+
+
+# ------------------------------------------------------------------ augmentations that act
+
+
+def _coordinate_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A float image whose channels are each pixel's x, its y, and 1 (0 marks the fill)."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    return np.stack([xx, yy, np.ones_like(xx)], axis=-1), xx, yy
+
+
+def _displacements(transform: A.BasicTransform, runs: int = 8) -> np.ndarray:
+    """Mean displacement (px) of the pixels that stay inside, one value per run, at 320x384."""
+    image, xx, yy = _coordinate_image(320, 384)
+    mask = np.zeros((320, 384, 3), dtype=np.uint8)
+    pipeline = A.Compose([transform])
+    pipeline.set_random_seed(0)
+    means = []
+    for _ in range(runs):
+        out = pipeline(image=image, mask=mask)["image"]
+        inside = out[..., 2] > 0.999  # linear interpolation of x and y is exact there
+        means.append(np.hypot(out[..., 0] - xx, out[..., 1] - yy)[inside].mean())
+    return np.asarray(means)
+
+
+def _distortions() -> list[A.BasicTransform]:
+    """The distortions of the default train pipeline (inside its OneOf)."""
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    pipeline = build_train_transform(cfg.train)
+    one_of = [t for t in pipeline.transforms if isinstance(t, A.OneOf)]
+    assert len(one_of) == 1, "expected one OneOf of distortions"
+    return list(one_of[0].transforms)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_distortion_visibly_deforms(index: int) -> None:
+    transform = _distortions()[index]
+    transform.p = 1.0
+    moved = _displacements(transform)
+    # Visible, yet anatomy stays anatomy: a few pixels on average, never more than ~5% of the
+    # canvas. (albumentations' ElasticTransform(alpha=1, sigma=50) moved them by 0.005 px.)
+    assert moved.min() > 1.5, f"{type(transform).__name__} moves pixels by {moved} px only"
+    assert moved.max() < 16
+    assert moved.std() > 0  # a different field each time
+
+
+def test_albumentations_default_elastic_would_fail_the_displacement_check() -> None:
+    """The check above can fail: the old ElasticTransform(alpha=1, sigma=50) barely moves."""
+    old = A.ElasticTransform(alpha=1.0, sigma=50, border_mode=cv2.BORDER_CONSTANT, p=1.0)
+    assert _displacements(old, runs=2).max() < 0.1
+
+
+def test_coarse_elastic_moves_mask_with_image_and_is_seeded() -> None:
+    image, xx, yy = _coordinate_image(96, 128)
+    mask = np.zeros((96, 128, 3), dtype=np.uint8)
+    mask[30:60, 40:90, 1] = 1
+    image[..., 0] = mask[..., 1]  # channel 0: the mask, interpolated linearly
+    transform = CoarseElastic(grid=4, max_shift=0.05, p=1.0)
+    first = A.Compose([transform], seed=3)(image=image, mask=mask)
+    again = A.Compose([CoarseElastic(grid=4, max_shift=0.05, p=1.0)], seed=3)(
+        image=image, mask=mask
+    )
+    np.testing.assert_array_equal(first["mask"], again["mask"])
+    assert first["mask"].dtype == np.uint8 and set(np.unique(first["mask"])) <= {0, 1}
+    assert not np.array_equal(first["mask"], mask)  # it moved...
+    # ...and the image moved the same way: the warped mask is where the warped channel is.
+    agree = (first["image"][..., 0] > 0.5) == (first["mask"][..., 1] == 1)
+    assert agree.mean() > 0.99
+
+
+def test_intensity_jitter_scales_and_shifts_float_images() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 80, 3), dtype=np.float32)
+    pipeline = A.Compose([IntensityJitter(brightness=0.1, contrast=0.1, p=1.0)], seed=0)
+    outs = [pipeline(image=image)["image"] for _ in range(6)]
+    for out in outs:
+        assert out.dtype == np.float32 and out.shape == image.shape
+        # out = image * a + b with a in [0.9, 1.1], b in [-0.1, 0.1]: fit a and b.
+        a, b = np.polyfit(image.ravel(), out.ravel(), 1)
+        assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
+        np.testing.assert_allclose(out, image * a + b, atol=1e-5)
+    assert len({round(float(o.mean()), 6) for o in outs}) == len(outs)
