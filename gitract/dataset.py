@@ -21,8 +21,8 @@ from gitract.geometry import Letterbox
 from gitract.volumes import VolumeCache
 
 __all__ = [
-    "CoarseElastic",
     "IntensityJitter",
+    "RandomWarp",
     "SliceDataset",
     "build_train_transform",
     "slice_offsets",
@@ -35,32 +35,59 @@ def slice_offsets(n_slices: int, stride: int) -> list[int]:
     return [stride * k for k in range(-half, half + 1)]
 
 
-class CoarseElastic(A.DualTransform):
-    """Elastic (soft-tissue) deformation from a coarse grid of random displacements, cubic-
-    interpolated to every pixel, then one ``cv2.remap``; masks follow with nearest neighbour.
+class RandomWarp(A.DualTransform):
+    """Shift-scale-rotate (probability ``p_affine``) and elastic deformation (``p_elastic``),
+    drawn independently and applied as ONE warp of the image (linear) and the mask (nearest).
 
-    The smooth field of Simard et al.'s elastic transform without its full-size Gaussian blur
-    (albumentations' ElasticTransform costs ~26 ms at 320x384, and at alpha=1, sigma=50 moves
-    pixels by 0.03 px): each of the ``grid`` x ``grid`` control points moves by up to
-    ``max_shift`` of the image's shorter side. Random numbers come from the Compose's seeded
-    generator, so ``Compose.set_random_seed`` makes it repeatable.
+    One warp instead of two halves the cost when both are drawn, and a warp without the
+    elastic part is a plain ``cv2.warpAffine``. The elastic field is Simard et al.'s smooth
+    random displacement without its full-size Gaussian blur (albumentations' ElasticTransform
+    costs ~26 ms at 320x384, and at alpha=1, sigma=50 moves pixels by 0.005 px): each point of
+    a ``grid`` x ``grid`` lattice moves by up to ``max_shift`` of the shorter side, cubic-
+    interpolated in between. Random numbers come from the Compose's seeded generators, so
+    ``Compose.set_random_seed`` makes it repeatable.
     """
 
-    def __init__(self, grid: int = 4, max_shift: float = 0.02, p: float = 0.5) -> None:
-        super().__init__(p=p)
-        if grid < 2 or not 0 < max_shift < 0.5:
-            raise ValueError(f"CoarseElastic: need grid >= 2, 0 < max_shift < 0.5, got {grid}, "
+    def __init__(
+        self,
+        p_affine: float = 0.5,
+        p_elastic: float = 0.25,
+        scale: tuple[float, float] = (0.9, 1.1),
+        translate: float = 0.0625,
+        rotate: float = 15.0,
+        grid: int = 4,
+        max_shift: float = 0.02,
+    ) -> None:
+        super().__init__(p=1.0 if max(p_affine, p_elastic) > 0 else 0.0)
+        if grid < 2 or not 0 <= max_shift < 0.5:
+            raise ValueError(f"RandomWarp: need grid >= 2, 0 <= max_shift < 0.5, got {grid}, "
                              f"{max_shift}")  # fmt: skip
+        self.p_affine, self.p_elastic = p_affine, p_elastic
+        self.scale, self.translate, self.rotate = scale, translate, rotate
         self.grid, self.max_shift = grid, max_shift
 
     def get_params_dependent_on_data(
         self, params: dict[str, Any], data: dict[str, Any]
     ) -> dict[str, Any]:
         height, width = params["shape"][:2]
+        rnd = self.py_random
+        matrix = None
+        if rnd.random() < self.p_affine:
+            matrix = cv2.getRotationMatrix2D(
+                ((width - 1) / 2, (height - 1) / 2),
+                rnd.uniform(-self.rotate, self.rotate),
+                rnd.uniform(*self.scale),
+            )
+            matrix[:, 2] += (
+                rnd.uniform(-self.translate, self.translate) * width,
+                rnd.uniform(-self.translate, self.translate) * height,
+            )
+        if rnd.random() >= self.p_elastic:
+            return {"matrix": matrix, "maps": None}
         limit = self.max_shift * min(height, width)
         coarse = self.random_generator.uniform(-limit, limit, (2, self.grid, self.grid))
-        # Cubic to a 16x16 grid, then linear to full size: smooth, and ~50x cheaper than one
-        # cubic resize of the 4x4 grid straight to the image size.
+        # Cubic to a 16x16 lattice, then linear to full size: smooth, and far cheaper than one
+        # cubic resize of the coarse grid straight to the image size.
         dx, dy = (
             cv2.resize(
                 cv2.resize(c.astype(np.float32), (16, 16), interpolation=cv2.INTER_CUBIC),
@@ -71,23 +98,34 @@ class CoarseElastic(A.DualTransform):
         )
         dx += np.arange(width, dtype=np.float32)[None, :]
         dy += np.arange(height, dtype=np.float32)[:, None]
-        return {"map_x": dx, "map_y": dy}
+        if matrix is not None:  # output pixel -> elastic -> inverse affine -> source pixel
+            inv = cv2.invertAffineTransform(matrix).astype(np.float32)
+            dx, dy = (
+                inv[0, 0] * dx + inv[0, 1] * dy + inv[0, 2],
+                inv[1, 0] * dx + inv[1, 1] * dy + inv[1, 2],
+            )
+        return {"matrix": None, "maps": (dx, dy)}
 
-    def apply(self, img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, **params: Any):
-        return _remap(img, map_x, map_y, cv2.INTER_LINEAR)
+    @staticmethod
+    def _warp(array: np.ndarray, matrix: Any, maps: Any, interpolation: int) -> np.ndarray:
+        border = {"borderMode": cv2.BORDER_CONSTANT, "borderValue": 0}
+        if maps is not None:
+            out = cv2.remap(array, maps[0], maps[1], interpolation, **border)
+        elif matrix is not None:
+            height, width = array.shape[:2]
+            out = cv2.warpAffine(array, matrix, (width, height), flags=interpolation, **border)
+        else:
+            return array
+        return out[..., None] if out.ndim < array.ndim else out
 
-    def apply_to_mask(self, mask: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, **params):
-        return _remap(mask, map_x, map_y, cv2.INTER_NEAREST)
+    def apply(self, img: np.ndarray, matrix: Any = None, maps: Any = None, **params: Any):
+        return self._warp(img, matrix, maps, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, matrix: Any = None, maps: Any = None, **params):
+        return self._warp(mask, matrix, maps, cv2.INTER_NEAREST)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("grid", "max_shift")
-
-
-def _remap(array: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, interpolation: int):
-    """``cv2.remap`` with zero fill that keeps a trailing channel axis of any length."""
-    out = cv2.remap(array, map_x, map_y, interpolation, borderMode=cv2.BORDER_CONSTANT,
-                    borderValue=0)  # fmt: skip
-    return out[..., None] if out.ndim < array.ndim else out
+        return ("p_affine", "p_elastic", "scale", "translate", "rotate", "grid", "max_shift")
 
 
 class IntensityJitter(A.ImageOnlyTransform):
@@ -121,31 +159,15 @@ class IntensityJitter(A.ImageOnlyTransform):
 def build_train_transform(train: TrainConfig) -> A.Compose:
     """Augmentations on the canvas; masks follow every geometric step with nearest neighbour.
 
-    Every step is chosen to be cheap on one CPU core (a few ms at 320x384 in all, see
-    ``scripts/benchmark.py``) and to do something visible: the distortions move pixels by
-    several pixels (tests/test_dataset.py measures it).
+    Chosen to be cheap on one CPU core (well under 1 ms a sample on average at 320x384, see
+    ``scripts/benchmark.py``) and to act: shift-scale-rotate (``aug_ssr``) and elastic
+    deformation (``aug_distort``: pixels move by ~4 px on average; tests/test_dataset.py
+    measures it) share one warp; brightness/contrast jitter works on the float image.
     """
-    border = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
     steps = [
         A.HorizontalFlip(p=train.aug_hflip),
         A.VerticalFlip(p=train.aug_vflip),
-        A.Affine(
-            scale=(0.9, 1.1),
-            translate_percent=(-0.0625, 0.0625),
-            rotate=(-15, 15),
-            mask_interpolation=cv2.INTER_NEAREST,
-            p=train.aug_ssr,
-            **border,
-        ),
-        A.OneOf(
-            [
-                A.GridDistortion(
-                    num_steps=5, distort_limit=0.1, mask_interpolation=cv2.INTER_NEAREST, **border
-                ),
-                CoarseElastic(grid=4, max_shift=0.02),
-            ],
-            p=train.aug_distort,
-        ),
+        RandomWarp(p_affine=train.aug_ssr, p_elastic=train.aug_distort),
         IntensityJitter(brightness=0.1, contrast=0.1, p=train.aug_brightness),
     ]
     return A.Compose([s for s in steps if s.p > 0])

@@ -13,8 +13,8 @@ import pytest
 from gitract.config import load_config
 from gitract.data import load_train_table
 from gitract.dataset import (
-    CoarseElastic,
     IntensityJitter,
+    RandomWarp,
     SliceDataset,
     build_train_transform,
     slice_offsets,
@@ -140,24 +140,24 @@ def _displacements(transform: A.BasicTransform, runs: int = 8) -> np.ndarray:
     return np.asarray(means)
 
 
-def _distortions() -> list[A.BasicTransform]:
-    """The distortions of the default train pipeline (inside its OneOf)."""
+def _warp_of_default_pipeline() -> RandomWarp:
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    pipeline = build_train_transform(cfg.train)
-    one_of = [t for t in pipeline.transforms if isinstance(t, A.OneOf)]
-    assert len(one_of) == 1, "expected one OneOf of distortions"
-    return list(one_of[0].transforms)
+    warps = [t for t in build_train_transform(cfg.train).transforms if isinstance(t, RandomWarp)]
+    assert len(warps) == 1
+    return warps[0]
 
 
-@pytest.mark.parametrize("index", [0, 1])
-def test_each_distortion_visibly_deforms(index: int) -> None:
-    transform = _distortions()[index]
-    transform.p = 1.0
-    moved = _displacements(transform)
-    # Visible, yet anatomy stays anatomy: a few pixels on average, never more than ~5% of the
-    # canvas. (albumentations' ElasticTransform(alpha=1, sigma=50) moved them by 0.005 px.)
-    assert moved.min() > 1.5, f"{type(transform).__name__} moves pixels by {moved} px only"
-    assert moved.max() < 16
+@pytest.mark.parametrize("part", ["elastic", "affine", "both"])
+def test_each_distortion_visibly_deforms(part: str) -> None:
+    warp = _warp_of_default_pipeline()
+    assert warp.p_affine > 0 and warp.p_elastic > 0  # default.yaml turns both on
+    warp.p_affine = 1.0 if part in ("affine", "both") else 0.0
+    warp.p_elastic = 1.0 if part in ("elastic", "both") else 0.0
+    moved = _displacements(warp)
+    # Visible, yet anatomy stays anatomy: a few pixels on average for the elastic field (the
+    # affine moves them more). albumentations' ElasticTransform(alpha=1, sigma=50): 0.005 px.
+    assert moved.min() > 1.5, f"{part} moves pixels by {moved} px only"
+    assert moved.max() < (8 if part == "elastic" else 60)
     assert moved.std() > 0  # a different field each time
 
 
@@ -167,18 +167,21 @@ def test_albumentations_default_elastic_would_fail_the_displacement_check() -> N
     assert _displacements(old, runs=2).max() < 0.1
 
 
-def test_coarse_elastic_moves_mask_with_image_and_is_seeded() -> None:
-    image, xx, yy = _coordinate_image(96, 128)
+@pytest.mark.parametrize("p_affine", [0.0, 1.0])
+def test_warp_moves_mask_with_image_and_is_seeded(p_affine: float) -> None:
+    image, _, _ = _coordinate_image(96, 128)
     mask = np.zeros((96, 128, 3), dtype=np.uint8)
     mask[30:60, 40:90, 1] = 1
     image[..., 0] = mask[..., 1]  # channel 0: the mask, interpolated linearly
-    transform = CoarseElastic(grid=4, max_shift=0.05, p=1.0)
-    first = A.Compose([transform], seed=3)(image=image, mask=mask)
-    again = A.Compose([CoarseElastic(grid=4, max_shift=0.05, p=1.0)], seed=3)(
-        image=image, mask=mask
-    )
+
+    def run() -> dict:
+        warp = RandomWarp(p_affine=p_affine, p_elastic=1.0, max_shift=0.05)
+        return A.Compose([warp], seed=3)(image=image, mask=mask)
+
+    first, again = run(), run()
     np.testing.assert_array_equal(first["mask"], again["mask"])
     assert first["mask"].dtype == np.uint8 and set(np.unique(first["mask"])) <= {0, 1}
+    assert first["mask"].shape == mask.shape
     assert not np.array_equal(first["mask"], mask)  # it moved...
     # ...and the image moved the same way: the warped mask is where the warped channel is.
     agree = (first["image"][..., 0] > 0.5) == (first["mask"][..., 1] == 1)
