@@ -61,5 +61,15 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Deletes only what make itself generated and can regenerate in minutes: the synthetic data set
+# of `make data` (only if its marker file says the generator wrote it), the test cache and the
+# Kaggle bundle (copies). Never runs/ (trained models: hours of GPU), submissions/, folds/ or
+# any other data/ folder (where the Kaggle data is unzipped). Paths are literal, not $(DATA_DIR):
+# `make clean DATA_DIR=<the real data>` must not delete it.
 clean:
-	rm -rf data runs submissions/*.csv submissions/pictures .pytest_cache dist/kaggle-dataset dist/kaggle-kernel
+	if [ -f data/synthetic/.gitract_synthetic.json ]; then rm -rf data/synthetic; fi
+	rm -f data/synthetic_labels/test_labels.csv
+	rmdir data/synthetic_labels 2>/dev/null || true
+	rmdir data 2>/dev/null || true
+	rm -rf .pytest_cache dist/kaggle-dataset dist/kaggle-kernel
+	@echo "kept: runs/, submissions/, folds/ and other data/ folders (delete those by hand)"

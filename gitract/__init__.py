@@ -6,4 +6,8 @@ import os
 # run offline, where that lookup only costs time (and is a network call we promise not to make).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from gitract._versions import check_versions
+
+check_versions()
+
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ import pickle
 import re
 import socket
 import threading
+import urllib.error
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,7 +34,14 @@ from torch import nn
 from gitract.config import Config, ModelConfig, config_from_dict
 from gitract.errors import CheckpointError, ConfigError
 
-__all__ = ["build_model", "load_checkpoint", "load_model_from_checkpoint", "WEIGHT_SUFFIXES"]
+__all__ = [
+    "DroppedModule",
+    "WEIGHT_SUFFIXES",
+    "build_model",
+    "drop_unused_modules",
+    "load_checkpoint",
+    "load_model_from_checkpoint",
+]
 
 #: File suffixes taken as a local weights file in ``model.encoder_weights``.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
@@ -138,11 +146,108 @@ def _offline_if_unreachable() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = False
 
 
-def _download_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the weights could not be fetched': URLError and all
-    huggingface_hub errors (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) are
-    OSErrors; torch.hub and timm raise RuntimeError on a failed or corrupt download."""
-    return (OSError, RuntimeError)
+def _is_network_error(e: BaseException) -> bool:
+    """Whether a failed weights download looks like 'no connection' rather than, say, a 404 or
+    an unwritable cache: huggingface_hub's offline errors, URLError, connection errors and
+    timeouts (requests' own are OSErrors but not the builtin ConnectionError)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    network: tuple[type[BaseException], ...] = (
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        urllib.error.URLError,
+        LocalEntryNotFoundError,
+    )
+    try:
+        import requests
+
+        network += (requests.ConnectionError, requests.Timeout)
+    except ImportError:  # pragma: no cover - huggingface_hub may drop requests
+        pass
+    return isinstance(e, network)
+
+
+#: Messages of the errors torch.load and torch.hub raise on a truncated, corrupt or tampered
+#: file (the types alone, RuntimeError mostly, say nothing).
+_CORRUPT_MARKERS = (
+    "PytorchStreamReader",
+    "zip archive",
+    "central directory",
+    "invalid hash",
+    "invalid load key",
+    "Ran out of input",
+    "Weights only load failed",
+    "deserializing header",
+    "HeaderTooLarge",
+    "MetadataIncompleteBuffer",
+    "InvalidHeader",
+)
+
+
+def _weights_error_kind(e: BaseException) -> str | None:
+    """'download', 'mismatch' or 'corrupt' for an error raised while fetching and loading
+    named weights; None for anything else (a bug: let it surface with its traceback)."""
+    if isinstance(e, OSError):  # every huggingface_hub, urllib and requests error
+        return "download"
+    text = str(e)
+    if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in text:
+        return "mismatch"
+    if type(e).__name__ == "SafetensorError" or isinstance(e, (pickle.UnpicklingError, EOFError)):
+        return "corrupt"
+    if any(marker in text for marker in _CORRUPT_MARKERS):
+        return "corrupt"
+    return None
+
+
+def _cached_weights_file(encoder: str, weights: str) -> str | None:
+    """Where the Hugging Face cache holds the named weights of ``encoder``, if it holds them
+    (to name the file a corrupt download left behind); None when not found."""
+    from huggingface_hub import try_to_load_from_cache
+
+    candidates: list[tuple[str, str | None, str]] = []
+    try:
+        if encoder.startswith("tu-"):
+            import timm
+
+            cfg = timm.models.get_pretrained_cfg(encoder[3:])
+            if cfg is not None and cfg.hf_hub_id:
+                repo = cfg.hf_hub_id
+                candidates = [(repo, None, "model.safetensors"), (repo, None, "pytorch_model.bin")]
+        elif encoder in smp.encoders.encoders:
+            settings = smp.encoders.encoders[encoder]["pretrained_settings"].get(weights, {})
+            if "repo_id" in settings:
+                repo, revision = settings["repo_id"], settings.get("revision")
+                candidates = [(repo, revision, "model.safetensors")]
+        for repo, revision, filename in candidates:
+            found = try_to_load_from_cache(repo, filename, revision=revision)
+            if isinstance(found, str):
+                return found
+    except Exception:  # best effort: the message is still right without the path
+        return None
+    return None
+
+
+def _weights_error(e: BaseException, encoder: str, weights: str) -> ConfigError | None:
+    """The one-line ConfigError that says what went wrong with named weights, or None."""
+    kind = _weights_error_kind(e)
+    what = f"model.encoder_weights: '{weights}' weights for encoder '{encoder}'"
+    cause = f"{type(e).__name__}: {_first_line(e)}"
+    if kind == "download":
+        hint = "no internet? " if _is_network_error(e) else ""
+        return ConfigError(
+            f"model.encoder_weights: cannot fetch '{weights}' weights for encoder '{encoder}' "
+            f"({hint}{cause}); {_OFFLINE_HINT}"
+        )
+    if kind == "mismatch":
+        return ConfigError(f"{what} do not fit the encoder ({cause})")
+    if kind == "corrupt":
+        path = _cached_weights_file(encoder, weights)
+        where = f"the cached file {path}" if path else "the cached weights file"
+        return ConfigError(
+            f"{what}: {where} is corrupt or truncated ({cause}); delete it to download it again"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- local weights
@@ -249,13 +354,117 @@ def _adapt_first_conv(
 def _load_encoder_file(model: nn.Module, path: Path, encoder_name: str) -> None:
     """Load a local encoder state dict into ``model.encoder`` strictly (ConfigError naming it)."""
     what = "model.encoder_weights"
-    state = _adapt_first_conv(
+    state = _without_dropped(
         model.encoder, _strip_prefix(_read_state_dict(path, what, ConfigError))
     )
+    state = _adapt_first_conv(model.encoder, state)
     problem = _mismatch(model.encoder, state)
     if problem:
         raise ConfigError(f"{what} {path}: does not fit encoder '{encoder_name}': {problem}")
     model.encoder.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------- unused modules
+
+
+class DroppedModule(nn.Module):
+    """Stands where :func:`drop_unused_modules` removed a module the encoder never calls.
+
+    It has no parameters, so DistributedDataParallel (which, without the costly unused-parameter
+    search, fails at the second step on a parameter that never gets a gradient) and the
+    optimizer only see what the network uses. Weights of the dropped module in an older
+    checkpoint are ignored on loading; calling it is a bug and raises.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"gitract dropped the encoder's unused module '{self.name}'")
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any):
+        """Accept and ignore whatever weights the module had (checkpoints from before)."""
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _called_modules(encoder: nn.Module, x: torch.Tensor) -> set[int] | None:
+    """ids of the modules a forward of ``encoder`` calls, in train mode and in eval mode
+    (None if the forward fails on the probe). Leaves no trace: the batch-norm statistics,
+    the random number generator and the train/eval mode are as before."""
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: called.add(id(m))) for m in encoder.modules()]
+    buffers = {name: b.clone() for name, b in encoder.named_buffers()}
+    training = encoder.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for mode in (True, False):
+                encoder.train(mode)
+                encoder(x)
+    except Exception:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        encoder.train(training)
+        with torch.no_grad():
+            for name, b in encoder.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return called
+
+
+def drop_unused_modules(encoder: nn.Module, in_channels: int) -> list[str]:
+    """Replace the encoder's modules with weights that its forward never calls (classifier-head
+    leftovers such as smp EfficientNet's ``_conv_head``/``_bn1``, 1.6M parameters in B7, or
+    timm-efficientnet's ``conv_head``/``bn2``) by a :class:`DroppedModule`; return their names.
+
+    Found by running the encoder once in train and once in eval mode on a small probe batch
+    and seeing which modules it calls. If the probe fails (an encoder that wants another input
+    size) or the encoder no longer runs without those modules (one that reaches into a module
+    without calling it), nothing is dropped.
+    """
+    for side in (64, 224):
+        x = torch.zeros(2, in_channels, side, side)
+        called = _called_modules(encoder, x)
+        if called is not None:
+            break
+    else:
+        return []
+    drops: list[tuple[nn.Module, str, str, nn.Module]] = []
+    inside_dropped: list[str] = []
+    for name, module in encoder.named_modules():
+        if not name or any(name.startswith(d + ".") for d in inside_dropped):
+            continue
+        subtree = list(module.modules())
+        if any(id(m) in called for m in subtree):
+            continue
+        if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = encoder.get_submodule(parent_name)
+        drops.append((parent, child, name, module))
+        inside_dropped.append(name)
+    if not drops:
+        return []
+    for parent, child, name, _ in drops:
+        setattr(parent, child, DroppedModule(name))
+    if _called_modules(encoder, x) is None:  # it did need them after all: put them back
+        for parent, child, _, module in drops:
+            setattr(parent, child, module)
+        return []
+    return [name for _, _, name, _ in drops]
+
+
+def _without_dropped(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict:
+    """``state`` less the keys of ``module``'s dropped modules (older checkpoints and smp-hub
+    encoder files still hold their weights)."""
+    prefixes = tuple(
+        f"{name}." for name, m in module.named_modules() if isinstance(m, DroppedModule)
+    )
+    return {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
 
 
 # --------------------------------------------------------------------------- public API
@@ -269,7 +478,12 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
     encoder ('imagenet', 'advprop', ...; for ``tu-`` encoders only 'imagenet', meaning timm's
     pretrained weights of the tag in the encoder name), or a local state dict file of the
     encoder (.pth/.pt/.bin/.safetensors), e.g. a saved ``model.encoder.state_dict()`` or
-    smp-hub's ``model.safetensors``. Named weights that cannot be downloaded -> ConfigError.
+    smp-hub's ``model.safetensors``. Named weights that cannot be downloaded, that are corrupt
+    in the cache or that do not fit the encoder -> a ConfigError that says which.
+
+    Encoder modules that the forward never calls are replaced by :class:`DroppedModule`
+    (:func:`drop_unused_modules`): DistributedDataParallel needs every parameter to get a
+    gradient.
     """
     if in_channels < 1 or classes < 1:
         raise ConfigError(
@@ -285,11 +499,11 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
             warnings.simplefilter("ignore", DeprecationWarning)
             return smp.create_model(arch, encoder, w, in_channels=in_channels, classes=classes)
 
-    if weights is None:
-        return create(None)
-    if _is_weights_file(weights):
+    if weights is None or _is_weights_file(weights):
         model = create(None)
-        _load_encoder_file(model, Path(weights).expanduser(), encoder)
+        drop_unused_modules(model.encoder, in_channels)
+        if weights is not None:
+            _load_encoder_file(model, Path(weights).expanduser(), encoder)
         return model
 
     # 'tu-' (and the old 'timm-' names smp now maps to 'tu-') take pretrained=True: timm picks
@@ -318,12 +532,14 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
     w: Any = True if timm_universal else weights
     try:
         with _offline_if_unreachable():
-            return create(w)
-    except _download_errors() as e:
-        raise ConfigError(
-            f"model.encoder_weights: cannot fetch '{weights}' weights for encoder '{encoder}' "
-            f"(no internet? {type(e).__name__}); {_OFFLINE_HINT}"
-        ) from e
+            model = create(w)
+    except Exception as e:
+        error = _weights_error(e, encoder, weights)
+        if error is None:
+            raise
+        raise error from e
+    drop_unused_modules(model.encoder, in_channels)
+    return model
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -366,7 +582,7 @@ def load_model_from_checkpoint(
         model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=classes)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e
-    state = _strip_prefix(state)
+    state = _without_dropped(model, _strip_prefix(state))
     problem = _mismatch(model, state)
     if problem:
         raise CheckpointError(

@@ -5,12 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import albumentations as A
+import cv2
 import numpy as np
 import pytest
 
 from gitract.config import load_config
 from gitract.data import load_train_table
-from gitract.dataset import SliceDataset, build_train_transform, slice_offsets
+from gitract.dataset import (
+    IntensityJitter,
+    RandomWarp,
+    SliceDataset,
+    build_train_transform,
+    slice_offsets,
+)
 from gitract.volumes import PERCENTILES, VolumeCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +115,88 @@ def test_train_transform_moves_image_and_mask_together(tiny_kaggle, cache) -> No
     c = ds[index]
     np.testing.assert_array_equal(c["mask"].numpy(), a["mask"].numpy()[..., ::-1])
     np.testing.assert_allclose(c["image"].numpy(), a["image"].numpy()[..., ::-1])
+
+
+# ------------------------------------------------------------------ augmentations that act
+
+
+def _coordinate_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A float image whose channels are each pixel's x, its y, and 1 (0 marks the fill)."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32)
+    return np.stack([xx, yy, np.ones_like(xx)], axis=-1), xx, yy
+
+
+def _displacements(transform: A.BasicTransform, runs: int = 8) -> np.ndarray:
+    """Mean displacement (px) of the pixels that stay inside, one value per run, at 320x384."""
+    image, xx, yy = _coordinate_image(320, 384)
+    mask = np.zeros((320, 384, 3), dtype=np.uint8)
+    pipeline = A.Compose([transform])
+    pipeline.set_random_seed(0)
+    means = []
+    for _ in range(runs):
+        out = pipeline(image=image, mask=mask)["image"]
+        inside = out[..., 2] > 0.999  # linear interpolation of x and y is exact there
+        means.append(np.hypot(out[..., 0] - xx, out[..., 1] - yy)[inside].mean())
+    return np.asarray(means)
+
+
+def _warp_of_default_pipeline() -> RandomWarp:
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    warps = [t for t in build_train_transform(cfg.train).transforms if isinstance(t, RandomWarp)]
+    assert len(warps) == 1
+    return warps[0]
+
+
+@pytest.mark.parametrize("part", ["elastic", "affine", "both"])
+def test_each_distortion_visibly_deforms(part: str) -> None:
+    warp = _warp_of_default_pipeline()
+    assert warp.p_affine > 0 and warp.p_elastic > 0  # default.yaml turns both on
+    warp.p_affine = 1.0 if part in ("affine", "both") else 0.0
+    warp.p_elastic = 1.0 if part in ("elastic", "both") else 0.0
+    moved = _displacements(warp)
+    # Visible, yet anatomy stays anatomy: a few pixels on average for the elastic field (the
+    # affine moves them more). albumentations' ElasticTransform(alpha=1, sigma=50): 0.005 px.
+    assert moved.min() > 1.5, f"{part} moves pixels by {moved} px only"
+    assert moved.max() < (8 if part == "elastic" else 60)
+    assert moved.std() > 0  # a different field each time
+
+
+def test_albumentations_default_elastic_would_fail_the_displacement_check() -> None:
+    """The check above can fail: the old ElasticTransform(alpha=1, sigma=50) barely moves."""
+    old = A.ElasticTransform(alpha=1.0, sigma=50, border_mode=cv2.BORDER_CONSTANT, p=1.0)
+    assert _displacements(old, runs=2).max() < 0.1
+
+
+@pytest.mark.parametrize("p_affine", [0.0, 1.0])
+def test_warp_moves_mask_with_image_and_is_seeded(p_affine: float) -> None:
+    image, _, _ = _coordinate_image(96, 128)
+    mask = np.zeros((96, 128, 3), dtype=np.uint8)
+    mask[30:60, 40:90, 1] = 1
+    image[..., 0] = mask[..., 1]  # channel 0: the mask, interpolated linearly
+
+    def run() -> dict:
+        warp = RandomWarp(p_affine=p_affine, p_elastic=1.0, max_shift=0.05)
+        return A.Compose([warp], seed=3)(image=image, mask=mask)
+
+    first, again = run(), run()
+    np.testing.assert_array_equal(first["mask"], again["mask"])
+    assert first["mask"].dtype == np.uint8 and set(np.unique(first["mask"])) <= {0, 1}
+    assert first["mask"].shape == mask.shape
+    assert not np.array_equal(first["mask"], mask)  # it moved...
+    # ...and the image moved the same way: the warped mask is where the warped channel is.
+    agree = (first["image"][..., 0] > 0.5) == (first["mask"][..., 1] == 1)
+    assert agree.mean() > 0.99
+
+
+def test_intensity_jitter_scales_and_shifts_float_images() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 80, 3), dtype=np.float32)
+    pipeline = A.Compose([IntensityJitter(brightness=0.1, contrast=0.1, p=1.0)], seed=0)
+    outs = [pipeline(image=image)["image"] for _ in range(6)]
+    for out in outs:
+        assert out.dtype == np.float32 and out.shape == image.shape
+        # out = image * a + b with a in [0.9, 1.1], b in [-0.1, 0.1]: fit a and b.
+        a, b = np.polyfit(image.ravel(), out.ravel(), 1)
+        assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
+        np.testing.assert_allclose(out, image * a + b, atol=1e-5)
+    assert len({round(float(o.mean()), 6) for o in outs}) == len(outs)

@@ -108,16 +108,165 @@ def test_unreachable_hub_switches_to_offline_mode_and_back(monkeypatch):
     assert constants.HF_HUB_OFFLINE is False
 
 
-def test_download_error_becomes_config_error(monkeypatch):
+def _hub_returns(monkeypatch, fake) -> None:
+    """smp's (and timm's) hf_hub_download call ``fake`` instead of the network."""
     import segmentation_models_pytorch.encoders as smp_encoders
+    import timm.models._hub as timm_hub
 
+    monkeypatch.setattr(smp_encoders, "hf_hub_download", fake)
+    monkeypatch.setattr(timm_hub, "hf_hub_download", fake)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
+
+
+def test_download_error_becomes_config_error(monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(smp_encoders, "hf_hub_download", no_network)
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
-    with pytest.raises(ConfigError, match=r"\(no internet\? URLError\); put the encoder's state"):
+    _hub_returns(monkeypatch, no_network)
+    with pytest.raises(ConfigError) as e:
         build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+    msg = str(e.value)
+    assert msg.startswith("model.encoder_weights: cannot fetch 'imagenet' weights for encoder")
+    assert "(no internet? URLError: <urlopen error [Errno -2] Name or service" in msg
+    assert "; put the encoder's state" in msg and "\n" not in msg
+
+
+def test_unwritable_cache_is_a_failed_download_but_not_no_internet(monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/home/u/.cache/huggingface/hub")
+
+    _hub_returns(monkeypatch, read_only)
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+    assert (
+        "cannot fetch 'imagenet' weights for encoder 'resnet18' (PermissionError: [Errno 13]"
+        in str(e.value)
+    )
+    assert "no internet" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "content"),
+    [
+        ("resnet18", b"\x08\x00\x00\x00\x00\x00\x00\x00{truncated"),  # safetensors header
+        ("tu-resnet18", b"not a zip archive at all"),
+    ],
+)
+def test_corrupt_cached_weights_are_named_not_blamed_on_the_network(
+    tmp_path, monkeypatch, encoder, content
+):
+    import huggingface_hub
+
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes(content)
+    _hub_returns(monkeypatch, lambda *args, **kwargs: str(corrupt))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(corrupt))
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig("Unet", encoder, "imagenet"), in_channels=3)
+    msg = str(e.value)
+    assert msg.startswith(
+        f"model.encoder_weights: 'imagenet' weights for encoder '{encoder}': "
+        f"the cached file {corrupt} is corrupt or truncated ("
+    )
+    assert msg.endswith("delete it to download it again")
+    assert "cannot fetch" not in msg and "no internet" not in msg and "\n" not in msg
+
+
+def test_weights_that_do_not_fit_the_encoder_say_so(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    other = build_model(ModelConfig("Unet", "resnet34", None), in_channels=3).encoder
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    _hub_returns(monkeypatch, lambda *args, **kwargs: str(path))
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+    msg = str(e.value)
+    assert msg.startswith(
+        "model.encoder_weights: 'imagenet' weights for encoder 'resnet18' do not fit the encoder "
+        "(RuntimeError: Error(s) in loading state_dict"
+    )
+    assert "cannot fetch" not in msg
+
+
+def test_other_errors_while_building_are_not_disguised(monkeypatch):
+    import segmentation_models_pytorch as smp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(smp, "create_model", broken)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+
+
+# --------------------------------------------------------------- modules the forward never calls
+
+# One small member of each encoder family a shipped config uses (default.yaml: smp
+# efficientnet-b7; demo_cpu.yaml: tu-mobilenetv3_small_100), and timm-efficientnet, whose
+# smp wrapper keeps an unused head as well.
+FAMILIES = ["efficientnet-b0", "tu-mobilenetv3_small_100", "timm-efficientnet-b0"]
+
+
+@pytest.mark.parametrize("encoder", FAMILIES)
+def test_every_parameter_gets_a_gradient(encoder):
+    torch.manual_seed(0)
+    net = build_model(ModelConfig("Unet", encoder, None), in_channels=3).train()
+    net(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
+    without = [name for name, p in net.named_parameters() if p.grad is None]
+    assert without == []
+
+
+def test_efficientnet_head_is_dropped_and_old_checkpoints_still_load(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["model.encoder_name=efficientnet-b0"])
+    torch.manual_seed(0)
+    old = smp.create_model("Unet", "efficientnet-b0", None, in_channels=3, classes=3)
+    old_keys = set(old.state_dict())
+    assert {"encoder._conv_head.weight", "encoder._bn1.running_var"} <= old_keys
+    net = build_model(cfg.model, in_channels=3)
+    assert isinstance(net.encoder._conv_head, model_mod.DroppedModule)
+    new_keys = set(net.state_dict())
+    assert new_keys == {
+        k for k in old_keys if not k.startswith(("encoder._conv_head.", "encoder._bn1."))
+    }
+    with pytest.raises(RuntimeError, match="dropped the encoder's unused module '_conv_head'"):
+        net.encoder._conv_head(torch.zeros(1))
+
+    # A checkpoint written before the heads were dropped loads, and so does a plain
+    # load_state_dict (what resuming does), strictly.
+    path = _checkpoint(tmp_path, cfg, old.eval())
+    again, _ = load_model_from_checkpoint(load_checkpoint(path), source=path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), old(x))
+    net.load_state_dict(old.state_dict(), strict=True)
+
+    # So does an encoder file that still holds them (smp-hub's model.safetensors does).
+    enc_path = tmp_path / "encoder.pth"
+    torch.save(old.encoder.state_dict(), enc_path)
+    local = build_model(dataclasses.replace(cfg.model, encoder_weights=str(enc_path)), 3)
+    assert torch.equal(local.encoder._conv_stem.weight, old.encoder._conv_stem.weight)
+
+
+def test_dropping_leaves_no_trace_on_statistics_or_random_numbers():
+    torch.manual_seed(5)
+    reference = torch.rand(3)
+    torch.manual_seed(5)
+    net = build_model(ModelConfig("Unet", "efficientnet-b0", None), in_channels=3)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    import segmentation_models_pytorch as smp
+
+    plain = smp.create_model("Unet", "efficientnet-b0", None, in_channels=3, classes=3)
+    assert torch.equal(after, torch.rand(3)) and not torch.equal(after, reference)
+    assert net.training
+    mine = net.state_dict()
+    for key, value in plain.state_dict().items():
+        if key in mine:
+            assert torch.equal(mine[key], value), key
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
