@@ -147,7 +147,13 @@ class TrainState:
         settings = [
             {k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups
         ]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # e.g. written before unused encoder modules were dropped
+            raise CheckpointError(
+                f"last.pt: its optimizer state does not fit this model ({e}); it was written by "
+                "another gitract version: start a new run (without --resume)"
+            ) from e
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
             group.update(own)
         saved_scaler = ckpt.get("scaler") or {}
