@@ -70,6 +70,11 @@ class DataConfig:
     grid_hw: list[int] = field(default_factory=lambda: [256, 256])  # 3D: in-plane grid (H, W)
     patch_size: list[int] = field(default_factory=lambda: [80, 160, 160])  # 3D: (D, H, W)
 
+    @property
+    def in_channels(self) -> int:
+        """The network's input channels: the 2.5D slices, plus the z-channel if asked."""
+        return self.n_slices + int(self.z_channel)
+
 
 @dataclass
 class ModelConfig:

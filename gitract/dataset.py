@@ -176,9 +176,11 @@ def build_train_transform(train: TrainConfig) -> A.Compose:
 class SliceDataset(Dataset):
     """2.5D samples for the slices of ``table``, in its row order.
 
-    Each item is a dict: ``image`` (n_slices, tH, tW) float32; ``mask`` (3, tH, tW) float32 when
-    the cache has masks; ``id``; ``orig_hw`` (2,) long, which inference needs to go back to the
-    slice's own size; ``index`` into ``table``.
+    Each item is a dict: ``image`` (data.in_channels, tH, tW) float32: the slices, then with
+    ``data.z_channel`` the slice's relative position in its case-day (index / depth, constant over
+    the canvas and untouched by augmentation); ``mask`` (3, tH, tW) float32 when the cache has
+    masks; ``id``; ``orig_hw`` (2,) long, which inference needs to go back to the slice's own
+    size; ``index`` into ``table``.
     """
 
     def __init__(
@@ -194,6 +196,7 @@ class SliceDataset(Dataset):
         self.offsets = slice_offsets(data.n_slices, data.slice_stride)
         self.target_hw = (int(data.img_size[0]), int(data.img_size[1]))
         self.resize_mode = data.resize_mode
+        self.z_channel = data.z_channel
         self.transform = transform
 
     def __len__(self) -> int:
@@ -212,6 +215,10 @@ class SliceDataset(Dataset):
             targets = {"image": image} if mask is None else {"image": image, "mask": mask}
             out = self.transform(**targets)
             image, mask = out["image"], out.get("mask")
+        if self.z_channel:
+            info, z = self.cache.locate(slice_id)
+            where = np.full((*image.shape[:2], 1), z / info.depth, dtype=np.float32)
+            image = np.concatenate([image, where], axis=-1)
         # (C, H, W) views of the (H, W, C) arrays, not copies: the DataLoader's collate copies
         # every sample into the batch anyway.
         item: dict[str, Any] = {

@@ -322,6 +322,8 @@ def _data(
     cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, cache: VolumeCache,
     ctx: DistContext,
 ) -> _Data:  # fmt: skip
+    if cfg.data.train_slices == "positive":  # only slices where some organ is drawn
+        train_df = train_df[(train_df[list(CLASSES)] != "").any(axis=1)]
     train_ds = SliceDataset(train_df, cache, cfg.data, build_train_transform(cfg.train))
     train_ds.transform.set_random_seed(cfg.train.seed + ctx.rank)
     # DistributedSampler with an explicit rank also serves the single-process case: it gives
@@ -425,7 +427,7 @@ def _fit(
         check_resumable(ckpt["config"], cfg, last_path)
     # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
     model_cfg = replace(cfg.model, encoder_weights=None) if ckpt else cfg.model
-    model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=len(CLASSES))
+    model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
     model = model.to(ctx.device)
     if cfg.train.channels_last and ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -534,7 +536,7 @@ def _write_outputs(
         "val_score": float(row.get("val_score", float("nan"))),
         "select_by": cfg.train.select_by,
         "classes": list(CLASSES),
-        "in_channels": cfg.data.n_slices,
+        "in_channels": cfg.data.in_channels,
         "gitract_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
     }

@@ -51,7 +51,7 @@ POSTPROCESS_FILE = "postprocess.json"
 OOF_PROBS_DIR = "oof_probs"
 KAGGLE_WORKING = Path("/kaggle/working")
 # The input settings every model of an ensemble must share: they decide what a sample is.
-INPUT_KEYS = ("n_slices", "slice_stride", "img_size", "resize_mode")
+INPUT_KEYS = ("n_slices", "slice_stride", "img_size", "resize_mode", "z_channel")
 # TTA views: the tensor dimensions each flip reverses (on (N, C, H, W)).
 FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,)}
 

@@ -381,7 +381,7 @@ def measure_throughput(ensemble, batch_size: int, batches: int = 3) -> float:
 
     data = ensemble.data_config
     height, width = data.img_size
-    images = torch.rand(batch_size, data.n_slices, height, width)
+    images = torch.rand(batch_size, data.in_channels, height, width)
     ensemble.predict(images)  # warm-up: cuDNN autotuning, lazy allocations
     if ensemble.device.type == "cuda":
         torch.cuda.synchronize(ensemble.device)
@@ -421,7 +421,7 @@ def estimate_runtime(
     elif config is not None:
         cfg = load_config(config)
         model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
-        model = build_model(model_cfg, in_channels=cfg.data.n_slices).eval()
+        model = build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
         n_folds = folds or 5
     else:
         raise GitractError("estimate: give --runs (trained folds) or --config")

@@ -561,7 +561,7 @@ def load_model_from_checkpoint(
     """Rebuild the network from ``ckpt["config"]`` and load ``ckpt["model"]`` strictly.
 
     The encoder is built with ``encoder_weights=None`` (the checkpoint has all the weights, and
-    nothing is downloaded). The input channels are ``data.n_slices``; the output classes are
+    nothing is downloaded). The input channels are ``data.in_channels``; the output classes are
     ``len(ckpt["classes"])`` when present, else 3. Returns the model in eval mode and the config.
     ``source`` (usually the file's path) is what error messages name.
     """
@@ -579,7 +579,7 @@ def load_model_from_checkpoint(
     classes = len(ckpt["classes"]) if isinstance(ckpt.get("classes"), (list, tuple)) else 3
     model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
     try:
-        model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=classes)
+        model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=classes)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e
     state = _without_dropped(model, _strip_prefix(state))

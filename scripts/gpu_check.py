@@ -143,7 +143,7 @@ def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     from gitract.model import build_model
 
     model_cfg = replace(cfg.model, encoder_weights=None)  # random init: speed is the same
-    model = build_model(model_cfg, in_channels=cfg.data.n_slices, classes=len(CLASSES))
+    model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
     model = model.to(device)
     if _uses_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)

@@ -96,6 +96,26 @@ def test_dataset_items_on_the_canvas(tiny_kaggle, cache) -> None:
         assert np.mean((back > 0.5) == truth) > 0.98
 
 
+def test_z_channel_is_the_relative_position_and_escapes_augmentation(tiny_kaggle, cache) -> None:
+    cfg = load_config(
+        ROOT / "configs" / "demo_cpu.yaml",
+        ["data.z_channel=true", "train.aug_brightness=1.0", "train.aug_ssr=1.0"],
+    )
+    assert cfg.data.in_channels == 4
+    table = load_train_table(tiny_kaggle.root)
+    ds = SliceDataset(table, cache, cfg.data, build_train_transform(cfg.train))
+    ds.transform.set_random_seed(0)
+    plain = SliceDataset(table, cache, _data_cfg())
+    for index in range(len(ds)):
+        image = ds[index]["image"].numpy()
+        row = table.iloc[index]
+        depth = int((table["case_day"] == row["case_day"]).sum())
+        position = list(table.loc[table["case_day"] == row["case_day"], "id"]).index(row["id"])
+        assert image.shape[0] == 4
+        np.testing.assert_array_equal(image[3], np.float32(position / depth))
+        assert image[:3].shape == plain[index]["image"].shape
+
+
 def test_train_transform_moves_image_and_mask_together(tiny_kaggle, cache) -> None:
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.aug_hflip=1.0"])
     table = load_train_table(tiny_kaggle.root)

@@ -373,3 +373,21 @@ def test_ema_weights_are_validated_saved_and_resumed_under_torchrun(
     if history["val_score"].idxmax() == 1:  # epoch 2 was the best: best.pt is its EMA
         assert all(torch.equal(v, resumed["ema"][k]) for k, v in best["model"].items())
     assert not all(torch.equal(v, resumed["model"][k]) for k, v in best["model"].items())
+
+
+def test_positive_slices_only_when_asked(synthetic_set) -> None:
+    import gitract.engine as engine
+    from gitract.distributed import DistContext
+    from gitract.volumes import VolumeCache
+
+    table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
+    train_df, val_df = table[table["fold"] != 0], table[table["fold"] == 0]
+    cache = VolumeCache(table, synthetic_set.root.parent / "cache_pos", progress=False)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    positive = (train_df[list(CLASSES)] != "").any(axis=1)
+    assert 0 < positive.sum() < len(train_df)
+    for which, expected in (("all", len(train_df)), ("positive", int(positive.sum()))):
+        cfg = load_config(DEMO, [*FAST, f"data.train_slices={which}"])
+        data = engine._data(cfg, train_df, val_df, cache, ctx)
+        assert len(data.train_loader.dataset) == expected == data.n_train
+        assert len(data.val_loader.dataset) == len(val_df)  # validation keeps every slice
