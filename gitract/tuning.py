@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -51,7 +52,14 @@ from gitract.metrics import (
     terms_summary,
     volume_terms,
 )
-from gitract.postprocess import STEP_NAMES, ClassPostprocess, postprocess_class, postprocess_volume
+from gitract.postprocess import (
+    STEP_NAMES,
+    ClassPostprocess,
+    postprocess_volume,
+    remove_small_volumes,
+    slice_flags,
+    threshold_class,
+)
 
 __all__ = [
     "DEFAULT_GRID",
@@ -175,10 +183,30 @@ class _CaseDay:
         self.current: list[ClassPostprocess | None] = [None] * _C
         self.masks: list[np.ndarray | None] = [None] * _C
         self.memo: dict[tuple, np.ndarray] = {}
+        # Steps 1-2 (threshold, 2D sizes) of the last few settings: the other steps' candidates
+        # all start from the same step-2 masks.
+        self.stage2: dict[tuple, np.ndarray] = {}
+        # Scores of masks already measured, by content: most candidates of a step change
+        # nothing on most case-days.
+        self.by_mask: dict[tuple, np.ndarray | float | None] = {}
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
-        target, box_probs = self.classes[c]
-        return None if box_probs is None else postprocess_class(box_probs, params)
+        """postprocess_class on the box, the same steps in the same order."""
+        box_probs = self.classes[c][1]
+        if box_probs is None:
+            return None
+        key = (c, params.threshold, params.min_size)
+        if key not in self.stage2:
+            if len(self.stage2) >= 2 * _C:
+                self.stage2.pop(next(iter(self.stage2)))
+            self.stage2[key] = threshold_class(box_probs, params)
+        masks = self.stage2[key].copy()
+        masks[~slice_flags(box_probs, masks, params)] = False
+        return remove_small_volumes(masks, params.min_volume, params.keep_largest)
+
+    @staticmethod
+    def _digest(mask: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
 
     def _class_terms(self, c: int, mask: np.ndarray | None) -> np.ndarray:
         """Class c's Dice, Hausdorff and pixel-count terms (the layout of volume_terms)."""
@@ -188,6 +216,14 @@ class _CaseDay:
             if self.profile == "kaggle":
                 terms[c] = terms[_C + c] = self.depth
             return terms
+        key = (c, self._digest(mask))
+        if key not in self.by_mask:
+            self.by_mask[key] = self._measure(c, mask)
+        return self.by_mask[key]
+
+    def _measure(self, c: int, mask: np.ndarray) -> np.ndarray:
+        target = self.classes[c][0]
+        terms = np.zeros(N_TERMS)
         inside = target.box[0].stop - target.box[0].start
         p = mask.reshape(inside, -1)
         t = target.truth.reshape(inside, -1)
@@ -214,12 +250,16 @@ class _CaseDay:
             box, mask = self.classes[c][0].box, self.masks[c]
             if box is not None:
                 full[box] |= mask
-        if self.square:
+        key = ("union", self._digest(full))
+        if key in self.by_mask:
+            distance = self.by_mask[key]
+        elif self.square:
             target = self.union
             pred = full[target.box] if target.box is not None else full[:0]
             distance = target.hausdorff(pred, mlebench=True)
         else:
             distance = hausdorff_mlebench(mlebench_view(full), self.union_truth)
+        self.by_mask[key] = distance
         if distance is not None:
             terms[4 * _C], terms[4 * _C + 1] = distance, 1.0
         return terms
