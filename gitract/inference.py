@@ -214,11 +214,20 @@ def _params_from_file(tuned: dict) -> tuple[ClassPostprocess, ...]:
 
 
 def load_postprocess(
-    runs: Path | None, infer: InferConfig, post: PostprocessConfig | None = None
+    runs: Path | None,
+    infer: InferConfig,
+    post: PostprocessConfig | None = None,
+    tuned_file: Path | None = None,
 ) -> tuple[ClassPostprocess, ...]:
-    """Per-class post-processing: the tuned one from ``runs/postprocess.json`` if
-    ``evaluate.py --tune`` wrote it, else the config's (:func:`params_from_config`)."""
-    path = None if runs is None else Path(runs) / POSTPROCESS_FILE
+    """Per-class post-processing: the tuned one from ``tuned_file`` (which must exist) or
+    ``runs/postprocess.json`` if ``evaluate.py --tune`` wrote it, else the config's
+    (:func:`params_from_config`)."""
+    if tuned_file is not None:
+        path = Path(tuned_file)
+        if not path.is_file():
+            raise DataError(f"{path}: no such post-processing file (evaluate.py --tune writes one)")
+    else:
+        path = None if runs is None else Path(runs) / POSTPROCESS_FILE
     if path is None or not path.is_file():
         return params_from_config(infer, post)
     try:
@@ -327,8 +336,12 @@ def infer_test(
     num_workers: int = 0,
     progress: bool = True,
     postprocess: PostprocessConfig | None = None,
+    tuned_file: Path | None = None,
 ) -> Path:
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
+
+    Post-processing: ``tuned_file``, else ``runs/postprocess.json``, else the config's
+    (``postprocess`` section, thresholds from ``infer`` where it has none).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
     header-only submission at once, without loading any model."""
@@ -351,7 +364,7 @@ def infer_test(
     table = images[images["case_day"].isin(days)]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensemble = Ensemble.load(find_checkpoints(runs, folds), device, infer.tta_flips)
-    params = load_postprocess(runs, infer, postprocess)
+    params = load_postprocess(runs, infer, postprocess, tuned_file)
     cache = VolumeCache(table, cache_dir, with_masks=False, progress=progress)
     # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
