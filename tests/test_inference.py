@@ -31,11 +31,13 @@ from gitract.folds import create_folds_file, load_folds
 from gitract.inference import (
     Ensemble,
     default_output_path,
+    encode_volume,
     find_checkpoints,
     infer_test,
     load_postprocess,
     params_from_config,
     predict_probs,
+    predict_volumes,
     read_sample_submission,
     write_submission,
 )
@@ -506,3 +508,25 @@ def test_oof_only_flags_without_oof_are_refused() -> None:
     )
     assert done.returncode == 2
     assert "--fold and --folds-csv go with --oof" in done.stderr
+
+
+def test_predict_volumes_streams_one_case_day_at_a_time() -> None:
+    """Test inference holds one case-day: the first volume comes out before a slice of the
+    next case-day has been predicted."""
+    ids = [f"case1_day0_slice_{z:04d}" for z in (1, 2)]
+    ids += [f"case2_day0_slice_{z:04d}" for z in (1, 2)]
+    day_of = {i: i.rsplit("_slice_", 1)[0] for i in ids}
+    consumed: list[str] = []
+
+    def stream():
+        for i in ids:
+            consumed.append(i)
+            yield i, np.full((3, 4, 5), 0.6, np.float32)
+
+    volumes = predict_volumes(stream(), day_of)
+    case_day, got_ids, probs = next(volumes)
+    assert (case_day, got_ids) == ("case1_day0", ids[:2])
+    assert probs.dtype == np.uint8 and probs.shape == (2, 3, 4, 5) and (probs == 153).all()
+    assert consumed == ids[:3]  # one slice ahead to see the day end, no further
+    assert next(volumes)[0] == "case2_day0"
+    assert encode_volume(ids[:2], probs, default_params())[(ids[0], "stomach")] != ""
