@@ -32,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "InferConfig",
+    "PostprocessConfig",
     "Config",
     "load_config",
     "config_to_dict",
@@ -135,6 +136,24 @@ class InferConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Per-class post-processing of a whole case-day (gitract.postprocess), one value per class
+    in CLASSES order; every step is off unless set here or tuned (runs/<name>/postprocess.json
+    from ``evaluate.py --tune`` wins over this section). ``thresholds`` and
+    ``min_component_size`` left null fall back to infer's (configs written before this section).
+    """
+
+    thresholds: list[float] | None = None
+    min_component_size: list[int] | None = None
+    gate_prob: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    gate_area: list[int] = field(default_factory=lambda: [0, 0, 0])
+    fill_gaps: list[int] = field(default_factory=lambda: [0, 0, 0])
+    min_run: list[int] = field(default_factory=lambda: [0, 0, 0])
+    min_volume: list[int] = field(default_factory=lambda: [0, 0, 0])
+    keep_largest: list[bool] = field(default_factory=lambda: [False, False, False])
+
+
+@dataclass
 class Config:
     """A whole run: ``name`` names the run folder ``<out_dir>/<name>/fold<N>``."""
 
@@ -142,6 +161,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     name: str = "default"
 
 
@@ -150,6 +170,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "infer": InferConfig,
+    "postprocess": PostprocessConfig,
 }
 _TOP_KEYS = [*_SECTIONS, "name"]
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -313,6 +334,25 @@ def _check_values(cfg: Config, where: str) -> None:
         raise bad("infer.thresholds", "3 values in (0, 1), one per class", i.thresholds)
     if len(i.min_component_size) != 3 or any(v < 0 for v in i.min_component_size):
         raise bad("infer.min_component_size", "3 values >= 0, one per class", i.min_component_size)
+    _check_postprocess(cfg.postprocess, bad)
+
+
+def _check_postprocess(p: PostprocessConfig, bad: Any) -> None:
+    """The postprocess section: 3 values per key, each in its step's range."""
+    rules = {
+        "thresholds": ("3 values in (0, 1), one per class", lambda v: 0 < v < 1),
+        "min_component_size": ("3 values >= 0, one per class", lambda v: v >= 0),
+        "gate_prob": ("3 values in [0, 1], one per class", lambda v: 0 <= v <= 1),
+        "gate_area": ("3 values >= 0, one per class", lambda v: v >= 0),
+        "fill_gaps": ("3 values >= 0, one per class", lambda v: v >= 0),
+        "min_run": ("3 values >= 0, one per class", lambda v: v >= 0),
+        "min_volume": ("3 values >= 0, one per class", lambda v: v >= 0),
+        "keep_largest": ("3 values true/false, one per class", lambda v: True),
+    }
+    for key, (rule, ok) in rules.items():
+        values = getattr(p, key)
+        if values is not None and (len(values) != 3 or not all(ok(v) for v in values)):
+            raise bad(f"postprocess.{key}", rule, values)
 
 
 # --------------------------------------------------------------------------- public API

@@ -3,8 +3,10 @@ slice's own size, RLE, and exactly the rows of ``sample_submission.csv``.
 
 Probabilities are averaged on the model's canvas, taken back to the slice's H x W *before*
 the threshold (bilinear when the canvas was scaled; a plain crop for the default 320x384 pad),
-then thresholded per class and cleaned of small components. Each batch is encoded to RLE as
-soon as it is predicted, so memory does not grow with the test set.
+quantised to uint8 as the OOF files keep them, and post-processed one whole case-day at a time
+(gitract.postprocess: threshold, 2D and 3D component filters, slice gate, z-continuity). Each
+case-day is encoded to RLE as soon as its last slice is predicted, so memory holds one volume,
+whatever the size of the test set.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path
-from gitract.config import Config, DataConfig, InferConfig
+from gitract.config import Config, DataConfig, InferConfig, PostprocessConfig
 from gitract.data import CLASSES, KAGGLE_INPUT, load_train_table, read_csv_file, scan_images
 from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.postprocess import binarize
+from gitract.postprocess import ClassPostprocess, postprocess_volume, quantize
 from gitract.rle import rle_encode
 from gitract.volumes import VolumeCache
 
@@ -36,11 +38,13 @@ __all__ = [
     "Ensemble",
     "default_output_path",
     "find_checkpoints",
-    "encode_predictions",
+    "encode_volume",
     "infer_oof",
     "infer_test",
     "load_postprocess",
+    "params_from_config",
     "predict_probs",
+    "predict_volumes",
     "read_sample_submission",
     "write_submission",
 ]
@@ -167,28 +171,81 @@ class Ensemble:
         return total / (len(self.models) * len(views))
 
 
-def load_postprocess(runs: Path | None, infer: InferConfig) -> tuple[list[float], list[int]]:
-    """Thresholds and minimum component sizes: tuned ones from ``runs/postprocess.json`` if
-    ``evaluate.py --tune`` wrote them, else the config's."""
-    path = None if runs is None else Path(runs) / POSTPROCESS_FILE
+def params_from_config(
+    infer: InferConfig, post: PostprocessConfig | None = None
+) -> tuple[ClassPostprocess, ...]:
+    """Per-class post-processing from a config: the ``postprocess`` section, with thresholds
+    and 2D minimum sizes from ``infer`` where the section leaves them null (older configs)."""
+    post = post or PostprocessConfig()
+    thresholds = post.thresholds if post.thresholds is not None else infer.thresholds
+    min_sizes = (
+        post.min_component_size if post.min_component_size is not None else infer.min_component_size
+    )
+    return tuple(
+        ClassPostprocess(
+            threshold=float(thresholds[c]),
+            min_size=int(min_sizes[c]),
+            gate_prob=float(post.gate_prob[c]),
+            gate_area=int(post.gate_area[c]),
+            fill_gaps=int(post.fill_gaps[c]),
+            min_run=int(post.min_run[c]),
+            min_volume=int(post.min_volume[c]),
+            keep_largest=bool(post.keep_largest[c]),
+        )
+        for c in range(len(CLASSES))
+    )
+
+
+def _params_from_file(tuned: dict) -> tuple[ClassPostprocess, ...]:
+    """A postprocess.json: ``classes`` (one mapping of steps per class name), or the older
+    form with only ``thresholds`` and ``min_component_size`` (the other steps then off)."""
+    if "classes" in tuned:
+        classes = tuned["classes"]
+        missing = [name for name in CLASSES if name not in classes]
+        if missing:
+            raise KeyError(f"classes.{missing[0]}")
+        return tuple(ClassPostprocess.from_dict(classes[name]) for name in CLASSES)
+    thresholds = [float(v) for v in tuned["thresholds"]]
+    min_sizes = [int(v) for v in tuned["min_component_size"]]
+    n = len(CLASSES)
+    if len(thresholds) != n or not all(0 < t < 1 for t in thresholds):
+        raise ValueError(f"'thresholds' must be {n} values in (0, 1), got {thresholds}")
+    if len(min_sizes) != n or any(m < 0 for m in min_sizes):
+        raise ValueError(f"'min_component_size' must be {n} values >= 0, got {min_sizes}")
+    return tuple(
+        ClassPostprocess(threshold=t, min_size=m)
+        for t, m in zip(thresholds, min_sizes, strict=True)
+    )
+
+
+def load_postprocess(
+    runs: Path | None,
+    infer: InferConfig,
+    post: PostprocessConfig | None = None,
+    tuned_file: Path | None = None,
+) -> tuple[ClassPostprocess, ...]:
+    """Per-class post-processing: the tuned one from ``tuned_file`` (which must exist) or
+    ``runs/postprocess.json`` if ``evaluate.py --tune`` wrote it, else the config's
+    (:func:`params_from_config`)."""
+    if tuned_file is not None:
+        path = Path(tuned_file)
+        if not path.is_file():
+            raise DataError(f"{path}: no such post-processing file (evaluate.py --tune writes one)")
+    else:
+        path = None if runs is None else Path(runs) / POSTPROCESS_FILE
     if path is None or not path.is_file():
-        return list(infer.thresholds), list(infer.min_component_size)
+        return params_from_config(infer, post)
     try:
         tuned = json.loads(path.read_text())
-        thresholds = [float(v) for v in tuned["thresholds"]]
-        min_sizes = [int(v) for v in tuned["min_component_size"]]
+        if not isinstance(tuned, dict):
+            raise ValueError(f"a JSON object expected, got {type(tuned).__name__}")
+        return _params_from_file(tuned)
     except (ValueError, TypeError, KeyError) as err:
         detail = f"no key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
         raise DataError(
             f"{path}: not a tuned post-processing file ({detail}); delete it or rerun "
             "scripts/evaluate.py --tune"
         ) from None
-    n = len(CLASSES)
-    if len(thresholds) != n or not all(0 < t < 1 for t in thresholds):
-        raise DataError(f"{path}: 'thresholds' must be {n} values in (0, 1), got {thresholds}")
-    if len(min_sizes) != n or any(m < 0 for m in min_sizes):
-        raise DataError(f"{path}: 'min_component_size' must be {n} values >= 0, got {min_sizes}")
-    return thresholds, min_sizes
 
 
 def predict_probs(
@@ -217,18 +274,27 @@ def predict_probs(
             yield dataset.ids[index], dataset.letterbox(index).invert(probs[k])
 
 
-def encode_predictions(
-    probs: Iterable[tuple[str, np.ndarray]],
-    thresholds: Sequence[float],
-    min_sizes: Sequence[int],
+def predict_volumes(
+    probs: Iterable[tuple[str, np.ndarray]], case_day_of: dict[str, str]
+) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """Group a slice stream (slices of a case-day together, in slice order) into whole
+    case-days: ``(case_day, ids, uint8 (D, 3, H, W) quantised probabilities)``."""
+    for case_day, group in itertools.groupby(probs, key=lambda item: case_day_of[item[0]]):
+        ids, slices = zip(*group, strict=True)
+        yield case_day, list(ids), np.stack([quantize(p) for p in slices])
+
+
+def encode_volume(
+    ids: Sequence[str], probs: np.ndarray, params: Sequence[ClassPostprocess]
 ) -> dict[tuple[str, str], str]:
-    """Threshold, clean and RLE-encode each slice as it arrives: ``{(id, class): rle}``."""
-    predictions: dict[tuple[str, str], str] = {}
-    for slice_id, slice_probs in probs:
-        masks = binarize(slice_probs, thresholds, min_sizes)
-        for name, mask in zip(CLASSES, masks, strict=True):
-            predictions[(slice_id, name)] = rle_encode(mask)
-    return predictions
+    """Post-process one case-day's quantised probabilities and RLE-encode every slice:
+    ``{(id, class): rle}``."""
+    masks = postprocess_volume(probs, params)
+    return {
+        (slice_id, name): rle_encode(masks[z, c])
+        for z, slice_id in enumerate(ids)
+        for c, name in enumerate(CLASSES)
+    }
 
 
 def read_sample_submission(path: Path) -> pd.DataFrame:
@@ -274,8 +340,13 @@ def infer_test(
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    postprocess: PostprocessConfig | None = None,
+    tuned_file: Path | None = None,
 ) -> Path:
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
+
+    Post-processing: ``tuned_file``, else ``runs/postprocess.json``, else the config's
+    (``postprocess`` section, thresholds from ``infer`` where it has none).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
     header-only submission at once, without loading any model."""
@@ -298,17 +369,21 @@ def infer_test(
     table = images[images["case_day"].isin(days)]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensemble = Ensemble.load(find_checkpoints(runs, folds), device, infer.tta_flips)
-    thresholds, min_sizes = load_postprocess(runs, infer)
+    params = load_postprocess(runs, infer, postprocess, tuned_file)
     cache = VolumeCache(table, cache_dir, with_masks=False, progress=progress)
-    targets = table[table["id"].isin(wanted)]
+    # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
+    targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
+    day_of = dict(zip(targets["id"], targets["case_day"], strict=True))
     probs = predict_probs(ensemble, targets, cache, infer.batch_size, num_workers, progress)
-    write_submission(sample, encode_predictions(probs, thresholds, min_sizes), out)
+    predictions: dict[tuple[str, str], str] = {}
+    for _, ids, volume in predict_volumes(probs, day_of):
+        predictions.update(encode_volume(ids, volume, params))
+    write_submission(sample, predictions, out)
     return out
 
 
-def _save_volume_probs(folder: Path, case_day: str, ids: list[str], probs: list) -> None:
-    """One case-day's probabilities as uint8 (D, 3, H, W) in a compressed .npz, for tuning."""
-    stacked = np.stack([np.rint(p * 255).astype(np.uint8) for p in probs])
+def _save_volume_probs(folder: Path, case_day: str, ids: list[str], stacked: np.ndarray) -> None:
+    """One case-day's quantised probabilities, uint8 (D, 3, H, W), in a compressed .npz."""
     # The temp name does not end in .npz: a leftover is never taken for a volume by the tuner.
     with atomic_path(folder / f"{case_day}.npz") as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids))
@@ -341,7 +416,7 @@ def infer_oof(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Always the config's post-processing, never the tuned one: thresholds tuned on these very
     # predictions would make the OOF score optimistic (evaluate.py --tune reports that score).
-    thresholds, min_sizes = list(cfg.infer.thresholds), list(cfg.infer.min_component_size)
+    params = params_from_config(cfg.infer, cfg.postprocess)
     # The training cache has the masks too; reusing it avoids decoding the PNGs again.
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
     probs_dir = runs / OOF_PROBS_DIR
@@ -357,11 +432,9 @@ def infer_oof(
         )
         # Slices arrive in slice order, one case-day after the other: each day's probabilities
         # are saved, then encoded, then dropped, so memory holds one volume at a time.
-        for case_day, group in itertools.groupby(stream, key=lambda item: day_of[item[0]]):
-            ids, probs = zip(*group, strict=True)
-            _save_volume_probs(probs_dir, case_day, list(ids), list(probs))
-            pairs = zip(ids, probs, strict=True)
-            predictions.update(encode_predictions(pairs, thresholds, min_sizes))
+        for case_day, ids, volume in predict_volumes(stream, day_of):
+            _save_volume_probs(probs_dir, case_day, ids, volume)
+            predictions.update(encode_volume(ids, volume, params))
     rows = table[table["fold"].isin(folds)]
     sample = pd.DataFrame(
         [(i, name) for i in rows["id"] for name in CLASSES], columns=["id", "class"]

@@ -289,7 +289,12 @@ def _directed(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float
     return _max_distance_ft(b, points, spacing)
 
 
-def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> float | None:
+def hausdorff_3d(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    crop: bool = True,
+    shape: tuple[int, int, int] | None = None,
+) -> float | None:
     """Normalised symmetric Hausdorff distance of two (D, H, W) masks, in [0, 1].
 
     Voxel (z, y, x) sits at (z / D, y / H, x / W); the distance is divided by sqrt(3). Returns
@@ -298,7 +303,9 @@ def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> floa
     Exact, from distance transforms rather than pairwise point distances (see ``_directed``).
     With ``crop`` both masks are first cut to the bounding box of their union: every voxel of
     A and of B lies inside it, so the distances are unchanged (the sampling still comes from
-    the full shape) and the transforms run on far fewer voxels.
+    the full shape) and the transforms run on far fewer voxels. ``shape`` is the whole
+    volume's (D, H, W) when ``pred`` and ``truth`` are already a crop of it that holds every
+    voxel of both (the tuner keeps such crops).
     """
     pred = np.asarray(pred).astype(bool, copy=False)
     truth = np.asarray(truth).astype(bool, copy=False)
@@ -312,7 +319,7 @@ def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> floa
         return None
     if box_pred is None or box_truth is None:
         return 1.0
-    spacing = tuple(1.0 / n for n in pred.shape)
+    spacing = tuple(1.0 / n for n in (shape or pred.shape))
     if crop:
         lo = np.minimum(box_pred, box_truth)[0::2]
         hi = np.maximum(box_pred, box_truth)[1::2]

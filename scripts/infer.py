@@ -1,9 +1,12 @@
 """Predict a submission with the ensemble of trained folds.
 
     python scripts/infer.py [--config C] [--data-dir D] [--runs R] [--folds 0 1] [--out FILE]
+                            [--postprocess FILE]
     python scripts/infer.py --oof [--fold N]     # out-of-fold predictions of the train set
 
-The submission has exactly sample_submission.csv's rows in its order; it goes to
+Post-processing: --postprocess FILE, else <runs>/postprocess.json (evaluate.py --tune), else
+the config's postprocess section. The submission has exactly sample_submission.csv's rows in
+its order; it goes to
 submissions/submission.csv, or /kaggle/working/submission.csv in a Kaggle kernel.
 """
 
@@ -26,6 +29,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", help="trained folds (default: runs/<config name>)")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to ensemble (default: all)")
     parser.add_argument("--out", help="output CSV")
+    parser.add_argument(
+        "--postprocess", help="tuned post-processing JSON (default: <runs>/postprocess.json)"
+    )
     parser.add_argument("--oof", action="store_true", help="out-of-fold predictions instead")
     parser.add_argument("--fold", type=int, help="with --oof: only this fold")
     parser.add_argument("--folds-csv", help="with --oof: folds file (default: data.folds_csv)")
@@ -34,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
+    if args.oof and args.postprocess:
+        parser.error("--postprocess is for test inference; OOF uses the config's settings")
     if not args.oof and (args.fold is not None or args.folds_csv):
         parser.error("--fold and --folds-csv go with --oof (to ensemble some folds: --folds)")
     return args
@@ -56,7 +64,8 @@ def main() -> None:
     else:
         path = infer_test(
             cfg.infer, data_dir, runs, args.folds, out, cache_dir=cfg.data.cache_dir,
-            num_workers=workers, progress=progress,
+            num_workers=workers, progress=progress, postprocess=cfg.postprocess,
+            tuned_file=Path(args.postprocess) if args.postprocess else None,
         )  # fmt: skip
     print(f"wrote {path}")
 

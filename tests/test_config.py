@@ -195,7 +195,7 @@ def test_override_ranges_are_checked_on_the_final_config():
 def test_dict_round_trip():
     cfg = load_config(DEMO, ["train.epochs=2"])
     d = config_to_dict(cfg)
-    assert list(d) == ["name", "data", "model", "train", "infer"]
+    assert list(d) == ["name", "data", "model", "train", "infer", "postprocess"]
     assert d["train"]["epochs"] == 2
     again = config_from_dict(d)
     assert again == cfg

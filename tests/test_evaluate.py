@@ -14,12 +14,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gitract.config import InferConfig
 from gitract.data import CLASSES, load_train_table
 from gitract.errors import ConfigError, DataError
 from gitract.evaluation import evaluate_submission
+from gitract.inference import encode_volume, load_postprocess
 from gitract.metrics import competition_score
+from gitract.postprocess import default_params, quantize
 from gitract.rle import rle_encode
-from gitract.tuning import tune_postprocess
+from gitract.tuning import save_postprocess, tune_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
@@ -248,41 +251,82 @@ def _oof_probs(tiny, folder: Path) -> None:
     (folder / ".case9_day9.npz.123.tmp").write_bytes(b"partial")  # a crashed write: ignored
 
 
+def _submission_from_probs(folder: Path, days, params) -> pd.DataFrame:
+    """What inference writes for these quantised probabilities and per-class settings."""
+    predictions = {}
+    for case, day, *_ in days:
+        with np.load(folder / f"case{case}_day{day}.npz") as saved:
+            probs, ids = saved["probs"], saved["ids"].tolist()
+        predictions.update(encode_volume(ids, probs, params))
+    return pd.DataFrame(
+        [(i, c, rle) for (i, c), rle in predictions.items()], columns=["id", "class", "predicted"]
+    )
+
+
 def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggle, tmp_path):
     tiny = make_tiny_kaggle("tune", layout=LAYOUT, test_layout=[])
     _oof_probs(tiny, tmp_path / "oof_probs")
     table = load_train_table(tiny.root, exclude=())
-    result = tune_postprocess(tmp_path / "oof_probs", table, progress=False)
+    result = tune_postprocess(tmp_path / "oof_probs", table, workers=2, progress=False)
     assert result["thresholds"] == [0.4, 0.4, 0.4]
     # 25 removes the specks; 100 would also remove small_bowel's ellipses (< 100 pixels).
-    assert result["min_component_size"][1] == 25
-    assert all(m in (25, 100) for m in result["min_component_size"])
+    only = [result["thresholds_only"][c] for c in CLASSES]
+    assert only[1]["min_size"] == 25 and all(o["min_size"] in (25, 50, 100) for o in only)
     assert result["score"] == pytest.approx(1.0)
+    assert result["scores"]["thresholds_only"]["score"] == pytest.approx(1.0)
     assert result["n_case_days"] == len(LAYOUT) and result["n_slices"] == len(tiny.masks)
 
     # The baseline (0.5, no removal) is exactly what the metric gives those masks.
-    rows = []
-    for case, day, *_ in LAYOUT:
-        with np.load(tmp_path / "oof_probs" / f"case{case}_day{day}.npz") as saved:
-            probs, ids = saved["probs"], saved["ids"].tolist()
-        for sid, p in zip(ids, probs, strict=True):
-            rows += [(sid, c, rle_encode((p[k] / 255 > 0.5).astype(np.uint8))) for k, c in
-                     enumerate(CLASSES)]  # fmt: skip
-    sub = pd.DataFrame(rows, columns=["id", "class", "predicted"])
     labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
-    baseline = competition_score(sub, labels, table[["id", "height", "width"]])["score"]
-    assert result["baseline_score"] == pytest.approx(baseline, abs=1e-12)
+    shapes = table[["id", "height", "width"]]
+    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, default_params())
+    baseline = competition_score(sub, labels, shapes)["score"]
+    assert result["baseline_score"] == baseline
     assert result["baseline_score"] < result["score"]
 
-    # A grid without (0.5, 0) still reports the same baseline, and picks only from the grid.
-    small = tune_postprocess(tmp_path / "oof_probs", table, [0.3, 0.6], [25], progress=False)
-    assert small["thresholds"] == [0.3, 0.3, 0.3] or small["thresholds"] == [0.6, 0.6, 0.6]
+    # A grid without 0.5 still reports the same baseline, and picks only from the grid.
+    grid = {"threshold": [0.3, 0.6], "min_size": [25]}
+    small = tune_postprocess(tmp_path / "oof_probs", table, grid=grid, progress=False)
+    assert set(small["thresholds"]) <= {0.3, 0.6}
     assert small["min_component_size"] == [25, 25, 25]
-    assert small["baseline_score"] == pytest.approx(baseline, abs=1e-12)
-    with pytest.raises(
-        ConfigError, match=r"thresholds must be values in \(0, 1\), got \[0.5, 1.5\]"
-    ):
-        tune_postprocess(tmp_path / "oof_probs", table, [0.5, 1.5], [0], progress=False)
+    assert small["baseline_score"] == baseline
+    with pytest.raises(ConfigError, match=r"threshold: threshold must be in \(0, 1\)"):
+        tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match="unknown metric profile 'kagle'"):
+        tune_postprocess(tmp_path / "oof_probs", table, "kagle")
+
+
+def _oof_with_strays(tiny, folder: Path, seed: int = 0) -> None:
+    """Noisy probabilities around the truth, plus what the 3D steps are for: a whole stray
+    slice past the organ's end, a faint slice inside it, and confident specks."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for case, day, n, _, _ in LAYOUT:
+        ids = [f"case{case}_day{day}_slice_{z:04d}" for z in range(1, n + 1)]
+        truth = np.stack([tiny.masks[i].transpose(2, 0, 1) for i in ids]).astype(np.float32)
+        p = np.clip(0.75 * truth + rng.normal(0.1, 0.12, truth.shape), 0, 1)
+        p[0, 2, 30:36, 30:36] = 0.95  # a stomach blob on the first slice
+        p[-1, 0, 1:3, 1:3] = 0.9
+        np.savez_compressed(folder / f"case{case}_day{day}.npz", probs=quantize(p), ids=ids)
+
+
+@pytest.mark.parametrize("profile", ["kaggle", "mlebench"])
+def test_tuned_score_is_exactly_what_inference_reproduces(make_tiny_kaggle, tmp_path, profile):
+    tiny = make_tiny_kaggle("exact", layout=LAYOUT, test_layout=[])
+    _oof_with_strays(tiny, tmp_path / "oof_probs")
+    table = load_train_table(tiny.root, exclude=())
+    result = tune_postprocess(tmp_path / "oof_probs", table, profile, progress=False)
+    save_postprocess(result, tmp_path / "postprocess.json")
+    params = load_postprocess(tmp_path, InferConfig())
+    assert [p.to_dict() for p in params] == [result["classes"][c] for c in CLASSES]
+    labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
+    shapes = table[["id", "height", "width"]]
+    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, params)
+    scored = competition_score(sub, labels, shapes, profile)
+    assert scored["score"] == result["score"]  # exactly: same masks, same sums in same order
+    scores = result["scores"]
+    assert scores["full"]["score"] >= scores["thresholds_only"]["score"]
+    assert scores["thresholds_only"]["score"] >= scores["untuned"]["score"]
 
 
 def test_tuning_without_oof_probabilities_says_what_to_run(tmp_path, tiny_kaggle) -> None:

@@ -31,13 +31,17 @@ from gitract.folds import create_folds_file, load_folds
 from gitract.inference import (
     Ensemble,
     default_output_path,
+    encode_volume,
     find_checkpoints,
     infer_test,
     load_postprocess,
+    params_from_config,
     predict_probs,
+    predict_volumes,
     read_sample_submission,
     write_submission,
 )
+from gitract.postprocess import ClassPostprocess, default_params
 from gitract.rle import rle_decode, rle_encode
 from gitract.volumes import VolumeCache
 
@@ -201,15 +205,40 @@ def test_read_sample_submission_rejects_an_empty_file(tmp_path) -> None:
         read_sample_submission(path)
 
 
+def _pairs(params) -> tuple[list[float], list[int]]:
+    return [p.threshold for p in params], [p.min_size for p in params]
+
+
 def test_load_postprocess_prefers_the_tuned_file_and_checks_it(tmp_path, demo_cfg) -> None:
-    assert load_postprocess(tmp_path, demo_cfg.infer) == ([0.5] * 3, [0] * 3)
+    assert load_postprocess(tmp_path, demo_cfg.infer) == default_params()
+    # An older file (thresholds and 2D sizes only) still loads, the other steps off.
     (tmp_path / "postprocess.json").write_text(
         json.dumps({"thresholds": [0.3, 0.4, 0.6], "min_component_size": [0, 25, 100]})
     )
-    assert load_postprocess(tmp_path, demo_cfg.infer) == ([0.3, 0.4, 0.6], [0, 25, 100])
-    (tmp_path / "postprocess.json").write_text(json.dumps({"thresholds": [0.3, 0.4]}))
-    with pytest.raises(DataError, match=r"postprocess.json: not a tuned post-processing file"):
-        load_postprocess(tmp_path, demo_cfg.infer)
+    params = load_postprocess(tmp_path, demo_cfg.infer)
+    assert _pairs(params) == ([0.3, 0.4, 0.6], [0, 25, 100])
+    assert all(p.min_volume == 0 and p.gate_prob == 0 for p in params)
+    # The current form: every step per class name.
+    steps = {"threshold": 0.4, "gate_prob": 0.8, "fill_gaps": 1, "keep_largest": True}
+    (tmp_path / "postprocess.json").write_text(
+        json.dumps({"classes": dict.fromkeys(CLASSES, steps)})
+    )
+    assert load_postprocess(tmp_path, demo_cfg.infer) == (ClassPostprocess(**steps),) * 3
+    for bad in ({"thresholds": [0.3, 0.4]}, {"classes": {"stomach": steps}}, [1, 2]):
+        (tmp_path / "postprocess.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=r"postprocess.json: not a tuned post-processing file"):
+            load_postprocess(tmp_path, demo_cfg.infer)
+
+
+def test_config_postprocess_section_falls_back_to_infer_thresholds(demo_cfg) -> None:
+    cfg = load_config(DEMO, ["infer.thresholds=[0.3,0.4,0.6]", "postprocess.min_run=[0,2,3]"])
+    params = params_from_config(cfg.infer, cfg.postprocess)
+    assert _pairs(params) == ([0.3, 0.4, 0.6], [0, 0, 0])
+    assert [p.min_run for p in params] == [0, 2, 3]
+    cfg = load_config(DEMO, ["postprocess.thresholds=[0.2,0.2,0.2]"])
+    assert _pairs(params_from_config(cfg.infer, cfg.postprocess))[0] == [0.2] * 3
+    with pytest.raises(ConfigError, match=r"'postprocess.gate_prob' must be 3 values in \[0, 1\]"):
+        load_config(DEMO, ["postprocess.gate_prob=[0.5,2,0]"])
 
 
 # --------------------------------------------------------------------------- trained folds
@@ -439,7 +468,7 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
     saved = json.loads(path.read_text())
     assert set(saved["thresholds"]) <= {0.3, 0.5} and set(saved["min_component_size"]) <= {0, 25}
     assert saved["score"] >= saved["baseline_score"]
-    thresholds, min_sizes = load_postprocess(oof.runs, five_folds.cfg.infer)
+    thresholds, min_sizes = _pairs(load_postprocess(oof.runs, five_folds.cfg.infer))
     assert (thresholds, min_sizes) == (saved["thresholds"], saved["min_component_size"])
 
     # One test case-day, through infer.py with the tuned file...
@@ -484,3 +513,25 @@ def test_oof_only_flags_without_oof_are_refused() -> None:
     )
     assert done.returncode == 2
     assert "--fold and --folds-csv go with --oof" in done.stderr
+
+
+def test_predict_volumes_streams_one_case_day_at_a_time() -> None:
+    """Test inference holds one case-day: the first volume comes out before a slice of the
+    next case-day has been predicted."""
+    ids = [f"case1_day0_slice_{z:04d}" for z in (1, 2)]
+    ids += [f"case2_day0_slice_{z:04d}" for z in (1, 2)]
+    day_of = {i: i.rsplit("_slice_", 1)[0] for i in ids}
+    consumed: list[str] = []
+
+    def stream():
+        for i in ids:
+            consumed.append(i)
+            yield i, np.full((3, 4, 5), 0.6, np.float32)
+
+    volumes = predict_volumes(stream(), day_of)
+    case_day, got_ids, probs = next(volumes)
+    assert (case_day, got_ids) == ("case1_day0", ids[:2])
+    assert probs.dtype == np.uint8 and probs.shape == (2, 3, 4, 5) and (probs == 153).all()
+    assert consumed == ids[:3]  # one slice ahead to see the day end, no further
+    assert next(volumes)[0] == "case2_day0"
+    assert encode_volume(ids[:2], probs, default_params())[(ids[0], "stomach")] != ""

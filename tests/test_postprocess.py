@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gitract.postprocess import binarize, remove_small_components
+from gitract.postprocess import (
+    ClassPostprocess,
+    binarize,
+    drop_short_runs,
+    fill_gaps,
+    postprocess_class,
+    postprocess_volume,
+    quantize,
+    remove_small_components,
+)
 
 
 def _blobs() -> np.ndarray:
@@ -65,3 +74,82 @@ def test_remove_small_components_drops_only_those_below_min_size(min_size, kept)
 def test_remove_small_components_leaves_empty_masks_alone() -> None:
     empty = np.zeros((5, 7), np.uint8)
     assert np.array_equal(remove_small_components(empty, 10), empty)
+
+
+# --------------------------------------------------------------------------- 3D steps
+
+
+def _volume(d: int = 8, h: int = 12, w: int = 12) -> np.ndarray:
+    return np.zeros((d, h, w), dtype=np.uint8)
+
+
+def test_quantize_matches_the_oof_files() -> None:
+    probs = np.array([0.0, 0.5, 0.501, 1.0, 1.2, -0.1], dtype=np.float32)
+    assert quantize(probs).tolist() == [0, 128, 128, 255, 255, 0]
+
+
+def test_fill_gaps_and_drop_short_runs() -> None:
+    flags = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1, 0], dtype=bool)
+    assert fill_gaps(flags, 0).tolist() == flags.tolist()
+    assert fill_gaps(flags, 1).astype(int).tolist() == [1, 1, 1, 0, 0, 1, 0, 0, 0, 1, 1, 0]
+    assert fill_gaps(flags, 2).astype(int).tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0]
+    assert drop_short_runs(flags, 2).astype(int).tolist() == [0] * 9 + [1, 1, 0]
+    assert drop_short_runs(flags, 3).sum() == 0
+    assert drop_short_runs(flags, 1).tolist() == flags.tolist()
+
+
+def test_slice_gate_needs_both_confidence_and_area() -> None:
+    probs = _volume(3)
+    probs[0, :2, :2] = 200  # confident, 4 px
+    probs[1, :5, :5] = 140  # weak, 25 px
+    probs[2, :5, :5] = 250  # confident, 25 px
+    kept = postprocess_class(probs, ClassPostprocess(gate_prob=0.7, gate_area=10))
+    assert kept.any(axis=(1, 2)).tolist() == [False, False, True]
+    assert kept[2].sum() == 25
+    # Filling the 1-slice gap brings the weak middle slice back between two kept ones.
+    probs[0, :5, :5] = 250
+    kept = postprocess_class(probs, ClassPostprocess(gate_prob=0.7, fill_gaps=1))
+    assert kept.any(axis=(1, 2)).tolist() == [True, True, True]
+
+
+def test_min_run_drops_an_organ_seen_on_one_slice_only() -> None:
+    probs = _volume(6)
+    probs[0, 1:4, 1:4] = 255  # one-slice stray
+    probs[2:6, 5:9, 5:9] = 255  # a 4-slice organ
+    kept = postprocess_class(probs, ClassPostprocess(min_run=2))
+    assert kept.any(axis=(1, 2)).tolist() == [False, False, True, True, True, True]
+
+
+def test_3d_components_count_voxels_across_slices() -> None:
+    probs = _volume(4)
+    probs[0:4, 0:2, 0:2] = 255  # 16 voxels, one column of squares through every slice
+    probs[1, 8, 8] = probs[2, 9, 9] = 255  # 2 voxels, only diagonally adjacent along z
+    probs[0:2, 10, 0:3] = 255  # 6 voxels
+    out = postprocess_class(probs, ClassPostprocess(min_volume=3))
+    assert out.sum() == 16 + 6 and not out[1, 8, 8]  # the diagonal pair is two 1-voxel parts
+    out = postprocess_class(probs, ClassPostprocess(keep_largest=True))
+    assert out.sum() == 16 and out[:, 0:2, 0:2].all()
+
+
+def test_threshold_reads_the_quantised_scale_and_steps_compose() -> None:
+    probs = _volume(2)
+    probs[0, 0, 0] = 127  # 0.498 -> below 0.5
+    probs[0, 5, 5] = 128  # 0.502 -> above
+    assert postprocess_class(probs, ClassPostprocess()).sum() == 1
+    stack = np.stack([probs, probs, probs], axis=1)
+    params = (ClassPostprocess(), ClassPostprocess(threshold=0.4), ClassPostprocess(min_size=2))
+    out = postprocess_volume(stack, params)
+    assert out.shape == stack.shape and out.dtype == bool
+    assert out[:, 0].sum() == 1 and out[:, 1].sum() == 2 and out[:, 2].sum() == 0
+
+
+def test_class_settings_round_trip_and_reject_bad_values() -> None:
+    params = ClassPostprocess(threshold=0.4, min_volume=50, keep_largest=True)
+    assert ClassPostprocess.from_dict(params.to_dict()) == params
+    assert ClassPostprocess.from_dict({"threshold": 0.3}) == ClassPostprocess(threshold=0.3)
+    with pytest.raises(ValueError, match="unknown post-processing key"):
+        ClassPostprocess.from_dict({"treshold": 0.3})
+    with pytest.raises(ValueError, match="min_run must be an integer >= 0"):
+        ClassPostprocess(min_run=-1)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
+        ClassPostprocess(threshold=1.0)
