@@ -147,6 +147,7 @@ class PostprocessConfig:
     min_component_size: list[int] | None = None
     gate_prob: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     gate_area: list[int] = field(default_factory=lambda: [0, 0, 0])
+    gate_cls: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     fill_gaps: list[int] = field(default_factory=lambda: [0, 0, 0])
     min_run: list[int] = field(default_factory=lambda: [0, 0, 0])
     min_volume: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -343,6 +344,7 @@ def _check_postprocess(p: PostprocessConfig, bad: Any) -> None:
         "thresholds": ("3 values in (0, 1), one per class", lambda v: 0 < v < 1),
         "min_component_size": ("3 values >= 0, one per class", lambda v: v >= 0),
         "gate_prob": ("3 values in [0, 1], one per class", lambda v: 0 <= v <= 1),
+        "gate_cls": ("3 values in [0, 1], one per class", lambda v: 0 <= v <= 1),
         "gate_area": ("3 values >= 0, one per class", lambda v: v >= 0),
         "fill_gaps": ("3 values >= 0, one per class", lambda v: v >= 0),
         "min_run": ("3 values >= 0, one per class", lambda v: v >= 0),

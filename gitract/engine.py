@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from tqdm.auto import tqdm
@@ -58,7 +59,7 @@ from gitract.train_state import TrainState, capture_rng, check_resumable
 from gitract.validation import VolumeScorer, shard_case_days
 from gitract.volumes import VolumeCache
 
-__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "train_one_epoch", "validate"]
+__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "split_outputs", "train_one_epoch", "validate"]
 
 #: Optimizer steps between host reads of the running loss and the non-finite-step counters.
 SYNC_EVERY = 10
@@ -106,6 +107,17 @@ class Loop:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         image = batch["image"].to(self.ctx.device, non_blocking=True, memory_format=memory_format)
         return image, batch["mask"].to(self.ctx.device, non_blocking=True)
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, presence logits or None): a network with a classification head
+    (``model.aux_head``) returns both, one without returns the masks alone."""
+    return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+
+
+def _presence_target(mask: torch.Tensor) -> torch.Tensor:
+    """(N, C) 1 where the class has a pixel on the slice."""
+    return mask.amax(dim=(2, 3))
 
 
 def _optimizer_step(state: TrainState, bad: torch.Tensor) -> None:
@@ -162,8 +174,12 @@ def train_one_epoch(
         no_sync = ctx.enabled and not ends_step
         with loop.net.no_sync() if no_sync else contextlib.nullcontext():
             with loop.autocast():
-                logits = loop.net(image)
+                logits, presence = split_outputs(loop.net(image))
             loss = loop.loss_fn(logits.float(), mask)
+            if presence is not None:
+                target = _presence_target(mask)
+                aux = F.binary_cross_entropy_with_logits(presence.float(), target)
+                loss = loss + cfg.aux_weight * aux
             state.scaler.scale(loss / cfg.accumulate).backward()
         finite = torch.isfinite(loss.detach())
         step_bad = torch.maximum(step_bad, (~finite).float())
@@ -245,11 +261,15 @@ def validate(
     if scorer is not None:
         scorer.reset()
     loss_sum, n_seen, score_seconds = 0.0, 0, 0.0
+    presence_hits = torch.zeros(2, dtype=torch.float64)  # [right, total] of the aux head
     for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
         image, mask = loop.to_device(batch)
         with loop.autocast():
-            logits = net(image)
+            logits, presence = split_outputs(net(image))
         logits = logits.float()
+        if presence is not None:
+            right = (presence.float() > 0) == (_presence_target(mask) > 0)
+            presence_hits += torch.tensor([right.sum().item(), right.numel()])
         loss_sum += loop.loss_fn(logits, mask).item() * image.shape[0]
         n_seen += image.shape[0]
         probs = torch.sigmoid(logits)
@@ -262,6 +282,9 @@ def validate(
     totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
     metrics = {"val_loss": float(totals[0] / max(totals[1], 1))}
     metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
+    presence_hits = all_reduce_sum(presence_hits, loop.ctx)
+    if presence_hits[1] > 0:
+        metrics["val_presence_acc"] = float(presence_hits[0] / presence_hits[1])
     if scorer is not None:
         scorer.load_state(all_reduce_sum(scorer.state(), loop.ctx))
         result = scorer.compute()
