@@ -91,7 +91,7 @@ def test_load_volume_resamples_image_and_mask_to_the_grid(tiny_volumes) -> None:
     assert image.shape == (6, 40, 48) and image.dtype == np.float32
     assert mask is not None and mask.shape == (3, 6, 40, 48) and mask.dtype == np.float32
     assert set(np.unique(mask)) <= {0.0, 1.0}
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
     # The 2.5D normalisation, then resized: the grid's mean matches the slice's.
     native = cache.image_stack(ids[2], [0])[..., 0]
     assert abs(float(image[2].mean()) - float(native.mean())) < 0.01
