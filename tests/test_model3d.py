@@ -18,13 +18,12 @@ from gitract.data import load_train_table
 from gitract.errors import ConfigError, DataError
 from gitract.folds import load_folds
 from gitract.infer3d import predict_volume3d
-from gitract.metrics import SegMetricAccumulator
 from gitract.model3d import build_model3d, check_patch_size
 from gitract.volume3d import PatchDataset, case_day_ids, load_volume
 from gitract.volumes import VolumeCache
 
 CPU = torch.device("cpu")
-EPOCHS = 3  # of the learning test
+EPOCHS = 4  # of the learning test
 
 
 def _soft_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -241,15 +240,20 @@ def test_predict_volume3d_native_size_windows_and_ensemble_mean() -> None:
 
 
 def test_demo_recipe_learns_the_synthetic_data(synthetic_set) -> None:
-    """demo_cpu_3d's network and sizes, a plain loop: the loss falls and held-out case-days
-    score above the all-empty prediction. (About 30-60 s on 2 busy cores.)"""
+    """demo_cpu_3d's network and settings on a coarser grid (32 x 32, patches 16 x 32 x 32, to
+    keep the test short), a plain loop: the loss falls, and on held-out case-days the organs are
+    found (voxel Dice per class at the native slice size, where an all-empty prediction scores
+    0 and predicting each organ everywhere about 0.1). About 110 s on 2 cores under a load of 8
+    (measured); expect a third of that on idle cores."""
     start = time.perf_counter()
     torch.manual_seed(0)
-    cfg = load_config(CONFIG_DIR / "demo_cpu_3d.yaml")
+    cfg = load_config(
+        CONFIG_DIR / "demo_cpu_3d.yaml", ["data.grid_hw=[32, 32]", "data.patch_size=[16, 32, 32]"]
+    )
     table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
     cache = VolumeCache(table, progress=False)
     train, val = table[table["fold"] != 0], table[table["fold"] == 0]
-    ds = PatchDataset(train, cache, cfg.data, patches_per_volume=4, seed=0)
+    ds = PatchDataset(train, cache, cfg.data, patches_per_volume=8, seed=0)
     loader = DataLoader(ds, cfg.train.batch_size, shuffle=True, drop_last=True)
     model = build_model3d(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -262,20 +266,27 @@ def test_demo_recipe_learns_the_synthetic_data(synthetic_set) -> None:
             opt.step()
             losses.append(loss.item())
     k = max(len(losses) // 4, 1)
-    assert np.mean(losses[-k:]) < 0.8 * np.mean(losses[:k])
+    assert np.mean(losses[-k:]) < 0.7 * np.mean(losses[:k])
 
     model.eval()
-    scored, empty = SegMetricAccumulator(), SegMetricAccumulator()
+    inter, total, organ, voxels = np.zeros(3), np.zeros(3), np.zeros(3), 0
     for ids in case_day_ids(val).values():
         image, _ = load_volume(cache, ids, tuple(cfg.data.grid_hw), with_mask=False)
         info, _ = cache.locate(ids[0])
         probs = predict_volume3d(
             [model], image, (info.height, info.width), cfg.data, cfg.infer, CPU
         )
-        truth = torch.from_numpy(np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]))
-        scored.update(torch.from_numpy(probs), truth.float())
-        empty.update(torch.zeros_like(truth, dtype=torch.float32), truth.float())
-    dice, baseline = scored.compute()["dice"], empty.compute()["dice"]
-    print(f"3D demo recipe: dice {dice:.3f} vs empty {baseline:.3f}, "
+        assert probs.shape == (len(ids), 3, info.height, info.width)
+        pred = probs > 0.5
+        truth = np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]).astype(bool)
+        inter += (pred & truth).sum((0, 2, 3))
+        total += pred.sum((0, 2, 3)) + truth.sum((0, 2, 3))
+        organ += truth.sum((0, 2, 3))
+        voxels += truth[:, 0].size
+    dice = 2 * inter / np.maximum(total, 1)
+    everywhere = 2 * organ / (voxels + organ)  # the Dice of predicting every organ everywhere
+    print(f"3D demo recipe: held-out Dice {np.round(dice, 3)} (everywhere "
+          f"{np.round(everywhere, 3)}), {len(losses)} steps, "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
-    assert dice > baseline + 0.05
+    assert dice.mean() > max(0.25, 2 * everywhere.mean())
+    assert (dice > everywhere).all()
