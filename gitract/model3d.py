@@ -64,7 +64,12 @@ def build_model3d(model_cfg: ModelConfig, classes: int = 3) -> nn.Module:
     channels of its first level (doubled at each level down). SegResNet's GroupNorm uses 8
     groups, so its ``init_filters`` must be a multiple of 8.
     """
-    from monai.networks.nets import SegResNet, UNet  # MONAI imports slowly: only when needed
+    try:  # MONAI imports slowly (and is an extra): only when a 3D model is built
+        from monai.networks.nets import SegResNet, UNet
+    except ImportError:
+        raise ConfigError(
+            "model.kind: 3d needs MONAI, which is not installed: pip install 'gitract[3d]'"
+        ) from None
 
     key = _arch_key(model_cfg.arch)
     filters = model_cfg.init_filters
