@@ -81,10 +81,10 @@ class DataConfig:
 class ModelConfig:
     """Any smp architecture and encoder; ``encoder_weights`` is a name, a local file or None."""
 
-    kind: ModelKind = "2.5d"  # "3d": a MONAI network on whole case-day volumes
-    arch: str = "Unet"  # 2.5D: an smp architecture; 3D: SegResNet
+    arch: str = "Unet"  # 2.5D: an smp architecture; 3D: SegResNet or UNet (MONAI)
     encoder_name: str = "efficientnet-b7"  # 2.5D only
     encoder_weights: str | None = "imagenet"  # 2.5D only
+    kind: ModelKind = "2.5d"  # "3d": a MONAI network on whole case-day volumes
     aux_head: bool = False  # 2.5D: a per-slice "organ present" head (smp aux_params)
     init_filters: int = 16  # 3D: width of the first SegResNet block
 
