@@ -219,7 +219,9 @@ def _save_run(cfg, model: nn.Module, runs: Path, folds=(0, 1, 2)) -> Path:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """A 2.5D run (demo U-Net at 32x32) and a 3D run (MONAI UNet), 3 folds each."""
-    pytest.importorskip("gitract.model3d", reason="3D members need gitract.model3d (branch model3d)")
+    pytest.importorskip(
+        "gitract.model3d", reason="3D members need gitract.model3d (branch model3d)"
+    )
     from gitract.model import build_model
     from gitract.model3d import build_model3d
 
