@@ -147,6 +147,7 @@ class PostprocessConfig:
     min_component_size: list[int] | None = None
     gate_prob: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     gate_area: list[int] = field(default_factory=lambda: [0, 0, 0])
+    gate_cls: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     fill_gaps: list[int] = field(default_factory=lambda: [0, 0, 0])
     min_run: list[int] = field(default_factory=lambda: [0, 0, 0])
     min_volume: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -311,6 +312,7 @@ def _check_values(cfg: Config, where: str) -> None:
             raise bad(key, ">= 1", value)
     if i.batch_size < 1:
         raise bad("infer.batch_size", ">= 1", i.batch_size)
+    _check_ensemble_keys(cfg, bad)
     if not (math.isfinite(t.lr) and t.lr > 0):
         raise bad("train.lr", "> 0", t.lr)
     if not (0 <= t.min_lr <= t.lr):
@@ -337,12 +339,34 @@ def _check_values(cfg: Config, where: str) -> None:
     _check_postprocess(cfg.postprocess, bad)
 
 
+def _check_ensemble_keys(cfg: Config, bad: Any) -> None:
+    """The 3D model's, the aux head's and EMA's keys."""
+    d, m, t, i = cfg.data, cfg.model, cfg.train, cfg.infer
+    if len(d.grid_hw) != 2 or any(v < 8 for v in d.grid_hw):
+        raise bad("data.grid_hw", "[H, W], two integers >= 8", d.grid_hw)
+    if len(d.patch_size) != 3 or any(v < 8 or v % 8 for v in d.patch_size):
+        raise bad("data.patch_size", "[D, H, W], three positive multiples of 8", d.patch_size)
+    if m.init_filters < 1:
+        raise bad("model.init_filters", ">= 1", m.init_filters)
+    if m.kind == "3d" and m.aux_head:
+        raise bad("model.aux_head", "false for a 3D model (a 2.5D option)", m.aux_head)
+    if not (t.aux_weight >= 0 and math.isfinite(t.aux_weight)):
+        raise bad("train.aux_weight", ">= 0", t.aux_weight)
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise bad("train.ema_decay", "in (0, 1) or null (no EMA)", t.ema_decay)
+    if not 0 <= i.sw_overlap < 1:
+        raise bad("infer.sw_overlap", "in [0, 1)", i.sw_overlap)
+    if i.sw_batch_size < 1:
+        raise bad("infer.sw_batch_size", ">= 1", i.sw_batch_size)
+
+
 def _check_postprocess(p: PostprocessConfig, bad: Any) -> None:
     """The postprocess section: 3 values per key, each in its step's range."""
     rules = {
         "thresholds": ("3 values in (0, 1), one per class", lambda v: 0 < v < 1),
         "min_component_size": ("3 values >= 0, one per class", lambda v: v >= 0),
         "gate_prob": ("3 values in [0, 1], one per class", lambda v: 0 <= v <= 1),
+        "gate_cls": ("3 values in [0, 1], one per class", lambda v: 0 <= v <= 1),
         "gate_area": ("3 values >= 0, one per class", lambda v: v >= 0),
         "fill_gaps": ("3 values >= 0, one per class", lambda v: v >= 0),
         "min_run": ("3 values >= 0, one per class", lambda v: v >= 0),

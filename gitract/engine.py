@@ -23,10 +23,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
 from tqdm.auto import tqdm
@@ -50,18 +52,23 @@ from gitract.distributed import (
 )
 from gitract.errors import DataError, TrainingError
 from gitract.folds import load_folds
+from gitract.infer3d import predict_volume3d
 from gitract.losses import build_loss
-from gitract.metrics import SegMetricAccumulator
+from gitract.metrics import SegMetricAccumulator, VolumeScoreAccumulator
 from gitract.model import build_model, load_checkpoint
+from gitract.model3d import build_model3d, check_patch_size
 from gitract.plots import plot_curves
 from gitract.train_state import TrainState, capture_rng, check_resumable
 from gitract.validation import VolumeScorer, shard_case_days
+from gitract.volume3d import PatchDataset, case_day_ids, load_volume
 from gitract.volumes import VolumeCache
 
-__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "train_one_epoch", "validate"]
+__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "split_outputs", "train_one_epoch", "validate"]
 
 #: Optimizer steps between host reads of the running loss and the non-finite-step counters.
 SYNC_EVERY = 10
+#: 3D: random patches drawn from each training case-day per epoch.
+PATCHES_PER_VOLUME = 4
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -102,10 +109,24 @@ class Loop:
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype, enabled=enabled)
 
     def to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        channels_last = self.cfg.train.channels_last and self.on_cuda
+        # channels_last is a 2D layout; 3D patches (N, 1, D, H, W) stay contiguous.
+        channels_last = (
+            self.cfg.train.channels_last and self.on_cuda and self.cfg.model.kind != "3d"
+        )
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         image = batch["image"].to(self.ctx.device, non_blocking=True, memory_format=memory_format)
         return image, batch["mask"].to(self.ctx.device, non_blocking=True)
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask logits, presence logits or None): a network with a classification head
+    (``model.aux_head``) returns both, one without returns the masks alone."""
+    return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+
+
+def _presence_target(mask: torch.Tensor) -> torch.Tensor:
+    """(N, C) 1 where the class has a pixel on the slice."""
+    return mask.amax(dim=(2, 3))
 
 
 def _optimizer_step(state: TrainState, bad: torch.Tensor) -> None:
@@ -162,8 +183,12 @@ def train_one_epoch(
         no_sync = ctx.enabled and not ends_step
         with loop.net.no_sync() if no_sync else contextlib.nullcontext():
             with loop.autocast():
-                logits = loop.net(image)
+                logits, presence = split_outputs(loop.net(image))
             loss = loop.loss_fn(logits.float(), mask)
+            if presence is not None:
+                target = _presence_target(mask)
+                aux = F.binary_cross_entropy_with_logits(presence.float(), target)
+                loss = loss + cfg.aux_weight * aux
             state.scaler.scale(loss / cfg.accumulate).backward()
         finite = torch.isfinite(loss.detach())
         step_bad = torch.maximum(step_bad, (~finite).float())
@@ -245,11 +270,15 @@ def validate(
     if scorer is not None:
         scorer.reset()
     loss_sum, n_seen, score_seconds = 0.0, 0, 0.0
+    presence_hits = torch.zeros(2, dtype=torch.float64)  # [right, total] of the aux head
     for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
         image, mask = loop.to_device(batch)
         with loop.autocast():
-            logits = net(image)
+            logits, presence = split_outputs(net(image))
         logits = logits.float()
+        if presence is not None:
+            right = (presence.float() > 0) == (_presence_target(mask) > 0)
+            presence_hits += torch.tensor([right.sum().item(), right.numel()])
         loss_sum += loop.loss_fn(logits, mask).item() * image.shape[0]
         n_seen += image.shape[0]
         probs = torch.sigmoid(logits)
@@ -262,12 +291,50 @@ def validate(
     totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
     metrics = {"val_loss": float(totals[0] / max(totals[1], 1))}
     metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
+    presence_hits = all_reduce_sum(presence_hits, loop.ctx)
+    if presence_hits[1] > 0:
+        metrics["val_presence_acc"] = float(presence_hits[0] / presence_hits[1])
     if scorer is not None:
         scorer.load_state(all_reduce_sum(scorer.state(), loop.ctx))
         result = scorer.compute()
         metrics["val_score"] = result["score"]
         metrics["val_hausdorff"] = result["hausdorff"]
         metrics["score_seconds"] = score_seconds
+    return metrics
+
+
+@torch.inference_mode()
+def validate_volumes(
+    loop: Loop, volumes: dict[str, list[str]], cache: VolumeCache, model: nn.Module
+) -> dict[str, float]:
+    """A 3D model's validation: each case-day predicted whole, as at inference (sliding
+    windows, flip TTA, back to the native size); loss, per-slice Dice/IoU and the competition
+    score of the volumes, summed over ranks."""
+    cfg = loop.cfg
+    model.eval()
+    acc = SegMetricAccumulator(CLASSES, threshold=cfg.train.threshold)
+    scorer = VolumeScoreAccumulator(cfg.train.select_metric)
+    loss_sum, n_seen = 0.0, 0
+    amp = cfg.train.amp and loop.on_cuda
+    for ids in tqdm(volumes.values(), desc="validate", leave=False, disable=not loop.progress):
+        image, _ = load_volume(cache, ids, cfg.data.grid_hw, with_mask=False)
+        info, _ = cache.locate(ids[0])
+        native = (info.height, info.width)
+        probs = predict_volume3d([model], image, native, cfg.data, cfg.infer, loop.ctx.device, amp)
+        truth = np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]).astype(np.float32)
+        p, t = torch.from_numpy(probs), torch.from_numpy(truth)
+        logits = torch.logit(p.clamp(1e-6, 1 - 1e-6))  # the loss takes logits
+        loss_sum += loop.loss_fn(logits, t).item() * len(ids)
+        n_seen += len(ids)
+        acc.update(p, t)
+        scorer.add(probs > cfg.train.threshold, truth.astype(bool))
+    acc.load_state(all_reduce_sum(acc.state(), loop.ctx))
+    scorer.load_state(all_reduce_sum(scorer.state(), loop.ctx))
+    totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
+    metrics = {"val_loss": float(totals[0] / max(totals[1], 1))}
+    metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
+    result = scorer.compute()
+    metrics["val_score"], metrics["val_hausdorff"] = result["score"], result["hausdorff"]
     return metrics
 
 
@@ -314,6 +381,8 @@ class _Data:
     sampler: DistributedSampler
     val_loader: DataLoader | None
     scorer: VolumeScorer | None
+    val_volumes: dict[str, list[str]] | None  # 3D: this rank's validation case-days
+    cache: VolumeCache
     n_train: int
     n_val: int
 
@@ -322,9 +391,13 @@ def _data(
     cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, cache: VolumeCache,
     ctx: DistContext,
 ) -> _Data:  # fmt: skip
-    if cfg.data.train_slices == "positive":  # only slices where some organ is drawn
-        train_df = train_df[(train_df[list(CLASSES)] != "").any(axis=1)]
-    train_ds = SliceDataset(train_df, cache, cfg.data, build_train_transform(cfg.train))
+    if cfg.model.kind == "3d":
+        train_ds = PatchDataset(train_df, cache, cfg.data, PATCHES_PER_VOLUME, train=True,
+                                hflip=cfg.train.aug_hflip, vflip=cfg.train.aug_vflip)  # fmt: skip
+    else:
+        if cfg.data.train_slices == "positive":  # only slices where some organ is drawn
+            train_df = train_df[(train_df[list(CLASSES)] != "").any(axis=1)]
+        train_ds = SliceDataset(train_df, cache, cfg.data, build_train_transform(cfg.train))
     train_ds.transform.set_random_seed(cfg.train.seed + ctx.rank)
     # DistributedSampler with an explicit rank also serves the single-process case: it gives
     # a reproducible shuffle per epoch (set_epoch), which is what resuming relies on.
@@ -343,8 +416,11 @@ def _data(
     train_loader = DataLoader(
         train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last, **common
     )
-    val_loader, scorer = None, None
-    if len(val_df):
+    val_loader, scorer, volumes = None, None, None
+    if len(val_df) and cfg.model.kind == "3d":
+        # Whole case-days, one at a time, predicted like at inference (sliding windows).
+        volumes = case_day_ids(shard_case_days(val_df, ctx.rank, ctx.world_size))
+    elif len(val_df):
         # Each rank takes whole case-days, so each volume is scored where all its slices are;
         # the summed metrics count every validation slice exactly once.
         shard = shard_case_days(val_df, ctx.rank, ctx.world_size)
@@ -353,7 +429,8 @@ def _data(
         if cfg.train.select_by == "score":
             profile, threshold = cfg.train.select_metric, cfg.train.threshold
             scorer = VolumeScorer(val_ds, shard, cache, profile, threshold)
-    return _Data(train_loader, sampler, val_loader, scorer, len(train_df), len(val_df))
+    n_train = len(train_df)
+    return _Data(train_loader, sampler, val_loader, scorer, volumes, cache, n_train, len(val_df))
 
 
 def _optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -427,9 +504,13 @@ def _fit(
         check_resumable(ckpt["config"], cfg, last_path)
     # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
     model_cfg = replace(cfg.model, encoder_weights=None) if ckpt else cfg.model
-    model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
+    if cfg.model.kind == "3d":
+        check_patch_size(cfg.model, cfg.data.patch_size)
+        model = build_model3d(cfg.model, classes=len(CLASSES))
+    else:
+        model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
     model = model.to(ctx.device)
-    if cfg.train.channels_last and ctx.device.type == "cuda":
+    if cfg.train.channels_last and ctx.device.type == "cuda" and cfg.model.kind != "3d":
         model = model.to(memory_format=torch.channels_last)
     fp16 = cfg.train.amp and cfg.train.amp_dtype == "fp16" and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
@@ -489,6 +570,8 @@ def _epoch(
     row.update(train_one_epoch(loop, state, data.train_loader, epoch))
     if data.val_loader is not None:
         row.update(validate(loop, data.val_loader, data.scorer, state.eval_model))
+    elif data.val_volumes is not None:
+        row.update(validate_volumes(loop, data.val_volumes, data.cache, state.eval_model))
     row["seconds"] = time.perf_counter() - started
     history.append(row)
     key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
@@ -536,7 +619,8 @@ def _write_outputs(
         "val_score": float(row.get("val_score", float("nan"))),
         "select_by": cfg.train.select_by,
         "classes": list(CLASSES),
-        "in_channels": cfg.data.in_channels,
+        "in_channels": 1 if cfg.model.kind == "3d" else cfg.data.in_channels,
+        "kind": cfg.model.kind,
         "gitract_version": __version__,
         "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
     }

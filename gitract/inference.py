@@ -211,6 +211,7 @@ def params_from_config(
             min_size=int(min_sizes[c]),
             gate_prob=float(post.gate_prob[c]),
             gate_area=int(post.gate_area[c]),
+            gate_cls=float(post.gate_cls[c]),
             fill_gaps=int(post.fill_gaps[c]),
             min_run=int(post.min_run[c]),
             min_volume=int(post.min_volume[c]),

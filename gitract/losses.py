@@ -29,9 +29,10 @@ class _LossWeights(Protocol):
 
 
 def _check_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if logits.ndim != 4 or logits.shape != targets.shape:
+    if logits.ndim not in (4, 5) or logits.shape != targets.shape:
         raise ValueError(
-            "DiceBCELoss needs logits and targets of the same shape (N, C, H, W); got logits "
+            "DiceBCELoss needs logits and targets of the same shape, (N, C, H, W) or "
+            "(N, C, D, H, W); got logits "
             f"{tuple(logits.shape)} and targets {tuple(targets.shape)}"
         )
 

@@ -472,7 +472,8 @@ def _without_dropped(module: nn.Module, state: Mapping[str, torch.Tensor]) -> di
 
 def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> nn.Module:
     """The smp network of ``model_cfg`` with ``in_channels`` inputs (2.5D slices) and
-    ``classes`` logit maps (one per organ, multi-label).
+    ``classes`` logit maps (one per organ, multi-label); with ``model_cfg.aux_head`` it returns
+    ``(masks, presence)``, presence being (N, classes) logits of "organ on this slice".
 
     ``model_cfg.encoder_weights`` may be None (random init), a weights name smp knows for the
     encoder ('imagenet', 'advprop', ...; for ``tu-`` encoders only 'imagenet', meaning timm's
@@ -493,11 +494,17 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
     _check_arch(arch)
     _check_encoder(encoder)
 
+    # The classification head: per-slice "organ present" logits from the deepest features,
+    # for the post-processing's slice gate; the model then returns (masks, presence).
+    aux = {"classes": classes, "dropout": 0.2} if model_cfg.aux_head else None
+
     def create(w: Any) -> nn.Module:
         with warnings.catch_warnings():
             # smp 0.6 warns that 'timm-' names are deprecated: the name is the user's choice.
             warnings.simplefilter("ignore", DeprecationWarning)
-            return smp.create_model(arch, encoder, w, in_channels=in_channels, classes=classes)
+            return smp.create_model(
+                arch, encoder, w, in_channels=in_channels, classes=classes, aux_params=aux
+            )
 
     if weights is None or _is_weights_file(weights):
         model = create(None)

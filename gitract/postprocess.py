@@ -6,7 +6,8 @@ so that steps can look along z. Each step is per class and off unless set (or tu
 1. pixel threshold: ``p > threshold``;
 2. 2D minimum component size: 8-connected components of fewer pixels are dropped per slice;
 3. slice gate: a class stays on a slice only if the slice's largest probability is
-   ``>= gate_prob`` and its predicted area ``>= gate_area`` pixels;
+   ``>= gate_prob``, its predicted area ``>= gate_area`` pixels and, where the models have a
+   classification head, its "organ present" probability ``>= gate_cls``;
 4. z-continuity of the per-slice presence flags: gaps of ``<= fill_gaps`` slices between two
    present slices are filled (a filled slice gets back its step-2 mask: this undoes a gate
    that dropped a weak slice inside an organ), then runs shorter than ``min_run`` slices are
@@ -63,6 +64,7 @@ class ClassPostprocess:
     min_size: int = 0
     gate_prob: float = 0.0
     gate_area: int = 0
+    gate_cls: float = 0.0
     fill_gaps: int = 0
     min_run: int = 0
     min_volume: int = 0
@@ -71,8 +73,9 @@ class ClassPostprocess:
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
-        if not 0 <= self.gate_prob <= 1:
-            raise ValueError(f"gate_prob must be in [0, 1], got {self.gate_prob!r}")
+        for name in ("gate_prob", "gate_cls"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("min_size", "gate_area", "fill_gaps", "min_run", "min_volume"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
@@ -89,7 +92,8 @@ class ClassPostprocess:
             raise ValueError(f"unknown post-processing key(s) {unknown}; known: {list(STEP_NAMES)}")
         kwargs = {}
         for name, value in values.items():
-            kind = {"threshold": float, "gate_prob": float, "keep_largest": bool}.get(name, int)
+            floats = {"threshold": float, "gate_prob": float, "gate_cls": float}
+            kind = {**floats, "keep_largest": bool}.get(name, int)
             if kind is bool and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
             kwargs[name] = kind(value)
@@ -166,14 +170,27 @@ def remove_small_volumes(mask: np.ndarray, min_volume: int, keep_largest: bool) 
     return keep[labels]
 
 
-def slice_flags(probs: np.ndarray, masks: np.ndarray, params: ClassPostprocess) -> np.ndarray:
-    """Steps 3 and 4: which slices keep their mask (a (D,) bool array)."""
+def slice_flags(
+    probs: np.ndarray,
+    masks: np.ndarray,
+    params: ClassPostprocess,
+    presence: np.ndarray | None = None,
+) -> np.ndarray:
+    """Steps 3 and 4: which slices keep their mask (a (D,) bool array). ``presence``: the
+    classification head's quantised (D,) "organ present" probabilities, needed by gate_cls."""
     areas = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
     flags = areas > 0
     if params.gate_prob > 0:
         flags &= probs.reshape(len(probs), -1).max(axis=1) >= _level(params.gate_prob)
     if params.gate_area > 0:
         flags &= areas >= params.gate_area
+    if params.gate_cls > 0:
+        if presence is None:
+            raise ValueError(
+                "gate_cls is set but there are no presence probabilities (no model of the "
+                "ensemble has a classification head: model.aux_head)"
+            )
+        flags &= presence >= _level(params.gate_cls)
     flags = fill_gaps(flags, params.fill_gaps)
     flags &= areas > 0  # a filled slice without pixels stays absent (it cannot join a run)
     return drop_short_runs(flags, params.min_run)
@@ -188,20 +205,26 @@ def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
     return masks
 
 
-def postprocess_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
-    """One class of one case-day: quantised (D, H, W) uint8 probabilities -> bool masks."""
+def postprocess_class(
+    probs: np.ndarray, params: ClassPostprocess, presence: np.ndarray | None = None
+) -> np.ndarray:
+    """One class of one case-day: quantised (D, H, W) uint8 probabilities (and optionally the
+    (D,) quantised presence probabilities) -> bool masks."""
     if probs.dtype != np.uint8 or probs.ndim != 3:
         raise ValueError(
             f"postprocess_class needs (D, H, W) uint8; got {probs.dtype} {probs.shape}"
         )
     masks = threshold_class(probs, params)
-    flags = slice_flags(probs, masks, params)
+    flags = slice_flags(probs, masks, params, presence)
     masks[~flags] = False
     return remove_small_volumes(masks, params.min_volume, params.keep_largest)
 
 
-def postprocess_volume(probs: np.ndarray, params: Sequence[ClassPostprocess]) -> np.ndarray:
-    """A whole case-day: quantised (D, C, H, W) uint8 probabilities -> (D, C, H, W) bool."""
+def postprocess_volume(
+    probs: np.ndarray, params: Sequence[ClassPostprocess], presence: np.ndarray | None = None
+) -> np.ndarray:
+    """A whole case-day: quantised (D, C, H, W) uint8 probabilities -> (D, C, H, W) bool;
+    ``presence``: quantised (D, C) slice-level probabilities of a classification head."""
     if probs.ndim != 4 or probs.shape[1] != len(params):
         raise ValueError(
             f"postprocess_volume needs (D, {len(params)}, H, W) for {len(params)} class "
@@ -209,7 +232,8 @@ def postprocess_volume(probs: np.ndarray, params: Sequence[ClassPostprocess]) ->
         )
     out = np.empty(probs.shape, dtype=bool)
     for c, class_params in enumerate(params):
-        out[:, c] = postprocess_class(np.ascontiguousarray(probs[:, c]), class_params)
+        flags = None if presence is None else presence[:, c]
+        out[:, c] = postprocess_class(np.ascontiguousarray(probs[:, c]), class_params, flags)
     return out
 
 

@@ -82,6 +82,8 @@ DEFAULT_GRID: dict[str, tuple] = {
     "min_run": (0, 2, 3, 5),
     "min_volume": (0, 50, 200, 1000, 3000),
     "keep_largest": (False, True),
+    # Searched only where the OOF files carry a classification head's presence probabilities.
+    "gate_cls": (0.0, 0.2, 0.35, 0.5, 0.65, 0.8),
 }
 THRESHOLD_STEPS = ("threshold", "min_size")
 DEFAULT_SWEEPS = 2
@@ -97,10 +99,20 @@ def _day_order(path: Path) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _load(path: Path, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Quantised probabilities (D, C, H, W) and truth (D, C, H, W) bool of one case-day."""
+def _has_presence(path: Path) -> bool:
+    with np.load(path) as saved:
+        return "presence" in saved.files
+
+
+def _load(
+    path: Path, rows: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """Quantised probabilities (D, C, H, W), truth (D, C, H, W) bool, the slice ids and the
+    quantised (D, C) presence probabilities (None without a classification head) of one
+    case-day."""
     with np.load(path) as saved:
         probs, ids = saved["probs"], saved["ids"].tolist()
+        presence = saved["presence"] if "presence" in saved.files else None
     missing = [i for i in ids if i not in rows.index]
     if missing:
         raise DataError(f"{path}: ids not in train.csv, e.g. {missing[0]}")
@@ -108,8 +120,12 @@ def _load(path: Path, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[
         raise DataError(
             f"{path}: probs must be uint8 (D, {_C}, H, W); got {probs.dtype} {probs.shape}"
         )
+    if presence is not None and (presence.dtype != np.uint8 or presence.shape != (len(ids), _C)):
+        raise DataError(
+            f"{path}: presence must be uint8 (D, {_C}); got {presence.dtype} {presence.shape}"
+        )
     truth = np.stack([slice_mask(rows.loc[i]) for i in ids]).astype(bool)  # (D, H, W, C)
-    return probs, np.ascontiguousarray(truth.transpose(0, 3, 1, 2)), ids
+    return probs, np.ascontiguousarray(truth.transpose(0, 3, 1, 2)), ids, presence
 
 
 def _box(*masks: np.ndarray) -> tuple[slice, ...] | None:
@@ -159,7 +175,7 @@ class _CaseDay:
     """What a worker keeps of one case-day: per class the box of reachable or true voxels."""
 
     def __init__(self, path: Path, rows: pd.DataFrame, profile: str, low: float) -> None:
-        probs, truth, _ = _load(path, rows)
+        probs, truth, _, presence = _load(path, rows)
         self.path, self.profile = path, profile
         self.depth, _, self.height, self.width = probs.shape
         shape = (self.depth, self.height, self.width)
@@ -170,7 +186,10 @@ class _CaseDay:
             box_probs = (
                 None if target.box is None else np.ascontiguousarray(probs[:, c][target.box])
             )
-            self.classes.append((target, box_probs))
+            box_presence = None
+            if presence is not None and target.box is not None:
+                box_presence = np.ascontiguousarray(presence[target.box[0], c])
+            self.classes.append((target, box_probs, box_presence))
         self.union = None
         if profile == "mlebench":
             self.square = self.height == self.width
@@ -192,7 +211,7 @@ class _CaseDay:
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
         """postprocess_class on the box, the same steps in the same order."""
-        box_probs = self.classes[c][1]
+        _, box_probs, box_presence = self.classes[c]
         if box_probs is None:
             return None
         key = (c, params.threshold, params.min_size)
@@ -201,7 +220,7 @@ class _CaseDay:
                 self.stage2.pop(next(iter(self.stage2)))
             self.stage2[key] = threshold_class(box_probs, params)
         masks = self.stage2[key].copy()
-        masks[~slice_flags(box_probs, masks, params)] = False
+        masks[~slice_flags(box_probs, masks, params, box_presence)] = False
         return remove_small_volumes(masks, params.min_volume, params.keep_largest)
 
     @staticmethod
@@ -291,8 +310,11 @@ class _CaseDay:
 
     def exact(self, settings: Sequence[Sequence[ClassPostprocess]], rows: pd.DataFrame) -> list:
         """Terms of each setting as inference makes them: the whole case-day again."""
-        probs, truth, _ = _load(self.path, rows)
-        terms = [volume_terms(postprocess_volume(probs, s), truth, self.profile) for s in settings]
+        probs, truth, _, presence = _load(self.path, rows)
+        terms = [
+            volume_terms(postprocess_volume(probs, s, presence), truth, self.profile)
+            for s in settings
+        ]
         return len(probs), terms
 
 
@@ -433,6 +455,12 @@ def tune_postprocess(
     )
     if not files:
         raise DataError(f"{probs_dir}: no OOF probabilities; run scripts/infer.py --oof first")
+    with_presence = [_has_presence(p) for p in files]
+    if any(with_presence) and not all(with_presence):
+        odd = files[with_presence.index(not with_presence[0])]
+        raise DataError(f"{odd}: presence probabilities in some OOF files but not in all")
+    if not with_presence[0]:
+        grid.pop("gate_cls", None)  # no classification head: nothing to gate on
     rows = table.set_index("id")
     workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
     low = min(*grid["threshold"], ClassPostprocess().threshold)  # the untuned start too

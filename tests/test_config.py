@@ -230,3 +230,19 @@ def test_save_config_overwrites_atomically(tmp_path):
     save_config(Config(name="b"), path)
     assert load_config(path).name == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.patch_size=[80, 150, 160]", "'data.patch_size' must be [D, H, W], three positive"),
+        ("train.ema_decay=1.5", "'train.ema_decay' must be in (0, 1) or null"),
+        ("infer.sw_overlap=1.0", "'infer.sw_overlap' must be in [0, 1)"),
+        ("train.accumulate=0", "'train.accumulate' must be >= 1"),
+        ("train.amp_dtype=fp8", "'train.amp_dtype' must be 'fp16' | 'bf16'"),
+    ],
+)
+def test_new_training_keys_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT, [override])
+    assert message in str(err.value)

@@ -20,9 +20,9 @@ from gitract.errors import ConfigError, DataError
 from gitract.evaluation import evaluate_submission
 from gitract.inference import encode_volume, load_postprocess
 from gitract.metrics import competition_score
-from gitract.postprocess import default_params, quantize
+from gitract.postprocess import ClassPostprocess, default_params, postprocess_volume, quantize
 from gitract.rle import rle_encode
-from gitract.tuning import save_postprocess, tune_postprocess
+from gitract.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
@@ -327,6 +327,41 @@ def test_tuned_score_is_exactly_what_inference_reproduces(make_tiny_kaggle, tmp_
     scores = result["scores"]
     assert scores["full"]["score"] >= scores["thresholds_only"]["score"]
     assert scores["thresholds_only"]["score"] >= scores["untuned"]["score"]
+
+
+def test_tuning_searches_the_classifier_gate_when_presence_is_saved(make_tiny_kaggle, tmp_path):
+    """A classification head that knows where the organs are: its presence probability gate
+    removes the stray slices the pixel probabilities alone leave, and the tuned score is what
+    inference reproduces with the same presence arrays."""
+    tiny = make_tiny_kaggle("gate", layout=LAYOUT, test_layout=[])
+    _oof_with_strays(tiny, tmp_path / "oof_probs")
+    table = load_train_table(tiny.root, exclude=())
+    for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
+        with np.load(path) as saved:
+            probs, ids = saved["probs"], saved["ids"]
+        truth = np.stack([tiny.masks[i].any(axis=(0, 1)) for i in ids])  # (D, 3)
+        presence = quantize(np.where(truth, 0.9, 0.1))
+        np.savez_compressed(path, probs=probs, ids=ids, presence=presence)
+    # The gate alone beside the threshold: what it is worth, not what other steps also reach.
+    grid = {"threshold": (0.5,), "gate_cls": DEFAULT_GRID["gate_cls"]}
+    result = tune_postprocess(tmp_path / "oof_probs", table, "kaggle", grid, progress=False)
+    gates = [result["classes"][c]["gate_cls"] for c in CLASSES]
+    assert any(g > 0 for g in gates)
+    assert result["scores"]["full"]["score"] > result["scores"]["thresholds_only"]["score"]
+    params = [ClassPostprocess.from_dict(result["classes"][c]) for c in CLASSES]
+    predictions = {}
+    for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
+        with np.load(path) as saved:
+            masks = postprocess_volume(saved["probs"], params, saved["presence"])
+            for z, slice_id in enumerate(saved["ids"].tolist()):
+                for c, name in enumerate(CLASSES):
+                    predictions[(slice_id, name)] = rle_encode(masks[z, c])
+    sub = pd.DataFrame(
+        [(i, c, rle) for (i, c), rle in predictions.items()], columns=["id", "class", "predicted"]
+    )
+    labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
+    scored = competition_score(sub, labels, table[["id", "height", "width"]])
+    assert scored["score"] == result["score"]
 
 
 def test_tuning_without_oof_probabilities_says_what_to_run(tmp_path, tiny_kaggle) -> None:

@@ -112,6 +112,22 @@ def test_slice_gate_needs_both_confidence_and_area() -> None:
     assert kept.any(axis=(1, 2)).tolist() == [True, True, True]
 
 
+def test_classifier_gate_reads_the_presence_probabilities() -> None:
+    probs = _volume(3)
+    probs[:, :5, :5] = 250  # the segmentation is sure on every slice
+    presence = np.array([240, 60, 200], dtype=np.uint8)  # the classifier doubts slice 1
+    kept = postprocess_class(probs, ClassPostprocess(gate_cls=0.5), presence)
+    assert kept.any(axis=(1, 2)).tolist() == [True, False, True]
+    assert postprocess_class(probs, ClassPostprocess(), presence).any(axis=(1, 2)).all()
+    with pytest.raises(ValueError, match="gate_cls is set but there are no presence"):
+        postprocess_class(probs, ClassPostprocess(gate_cls=0.5))
+    # In a whole volume each class reads its own column of the (D, C) presence.
+    volume = np.stack([probs, probs, probs], axis=1)
+    columns = np.stack([presence, np.full(3, 255, np.uint8), presence], axis=1)
+    out = postprocess_volume(volume, [ClassPostprocess(gate_cls=0.5)] * 3, columns)
+    assert out.any(axis=(2, 3)).tolist() == [[True] * 3, [False, True, False], [True] * 3]
+
+
 def test_min_run_drops_an_organ_seen_on_one_slice_only() -> None:
     probs = _volume(6)
     probs[0, 1:4, 1:4] = 255  # one-slice stray

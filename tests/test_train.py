@@ -391,3 +391,22 @@ def test_positive_slices_only_when_asked(synthetic_set) -> None:
         data = engine._data(cfg, train_df, val_df, cache, ctx)
         assert len(data.train_loader.dataset) == expected == data.n_train
         assert len(data.val_loader.dataset) == len(val_df)  # validation keeps every slice
+
+
+def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Path) -> None:
+    """model.aux_head: the per-slice "organ present" head trains beside the masks (BCE on slice
+    presence) and beats always answering the majority on held-out cases."""
+    from gitract.model import load_checkpoint, load_model_from_checkpoint
+
+    cfg = load_config(
+        DEMO, [*FAST, "train.epochs=4", "model.aux_head=true", "train.aux_weight=0.5"]
+    )
+    run_dir = fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
+    history = pd.read_csv(run_dir / "history.csv")
+    table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
+    present = (table.loc[table["fold"] == 0, list(CLASSES)] != "").to_numpy()
+    majority = max(present.mean(), 1 - present.mean())
+    assert history["val_presence_acc"].max() > majority
+    model, _ = load_model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    masks, presence = model(torch.rand(2, 3, 64, 64))
+    assert masks.shape == (2, 3, 64, 64) and presence.shape == (2, 3)
