@@ -335,13 +335,10 @@ def encode_volume(
     params: Sequence[ClassPostprocess],
     presence: np.ndarray | None = None,
 ) -> dict[tuple[str, str], str]:
-    """Post-process one case-day's quantised probabilities (with the aux head's per-slice
-    presence probability (D, 3), when there is one) and RLE-encode every slice:
-    ``{(id, class): rle}``."""
-    if presence is None:
-        masks = postprocess_volume(probs, params)
-    else:
-        masks = postprocess_volume(probs, params, presence=presence)
+    """Post-process one case-day's quantised probabilities (with the aux head's quantised
+    per-slice presence probabilities uint8 (D, 3), when there are some: the ``gate_cls`` step)
+    and RLE-encode every slice: ``{(id, class): rle}``."""
+    masks = postprocess_volume(probs, params, presence=presence)
     return {
         (slice_id, name): rle_encode(masks[z, c])
         for z, slice_id in enumerate(ids)
@@ -444,7 +441,8 @@ def infer_test(
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
     predictions: dict[tuple[str, str], str] = {}
     for day in blend_days(members, targets, cache, progress):
-        predictions.update(encode_volume(day.ids, quantize(day.probs), params, day.presence))
+        presence = None if day.presence is None else quantize(day.presence)
+        predictions.update(encode_volume(day.ids, quantize(day.probs), params, presence))
     write_submission(sample, predictions, out)
     return out
 
@@ -463,8 +461,9 @@ def _save_volume_probs(
     presence: np.ndarray | None = None,
 ) -> None:
     """One case-day's quantised probabilities, uint8 (D, 3, H, W), in a compressed .npz, with
-    the per-slice presence probability float32 (D, 3) as ``presence`` when there is one."""
-    extra = {} if presence is None else {"presence": presence.astype(np.float32)}
+    the quantised per-slice presence probabilities uint8 (D, 3) as ``presence`` when there are
+    some (what gitract.tuning reads for the ``gate_cls`` step)."""
+    extra = {} if presence is None else {"presence": presence}
     # The temp name does not end in .npz: a leftover is never taken for a volume by the tuner.
     with atomic_path(folder / f"{case_day}.npz") as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids), **extra)
@@ -528,8 +527,9 @@ def infer_oof(
         # are saved, then encoded, then dropped, so memory holds one volume at a time.
         for day in blend_days(members, val, cache, progress):
             volume = quantize(day.probs)
-            _save_volume_probs(probs_dir, day.case_day, day.ids, volume, day.presence)
-            predictions.update(encode_volume(day.ids, volume, params, day.presence))
+            presence = None if day.presence is None else quantize(day.presence)
+            _save_volume_probs(probs_dir, day.case_day, day.ids, volume, presence)
+            predictions.update(encode_volume(day.ids, volume, params, presence))
     rows = table[table["fold"].isin(folds)]
     sample = pd.DataFrame(
         [(i, name) for i in rows["id"] for name in CLASSES], columns=["id", "class"]

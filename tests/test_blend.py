@@ -7,7 +7,7 @@ they predict does not matter, only that the blend is the weighted mean of what e
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +31,7 @@ from gitract.config import config_to_dict, load_config
 from gitract.data import CLASSES, load_train_table, scan_images
 from gitract.errors import CheckpointError, ConfigError
 from gitract.inference import OOF_PROBS_DIR, Ensemble, encode_volume, infer_oof, infer_test
-from gitract.postprocess import default_params, postprocess_volume, quantize
+from gitract.postprocess import default_params, quantize
 from gitract.rle import rle_decode, rle_encode
 from gitract.volumes import VolumeCache
 
@@ -186,19 +186,18 @@ def test_ensemble_handles_an_aux_head_and_averages_presence() -> None:
     assert Ensemble([_NoAux()], [cfg], CPU).predict_with_presence(x)[1] is None
 
 
-@pytest.mark.skipif(
-    "presence" not in inspect.signature(postprocess_volume).parameters,
-    reason="postprocess_volume(..., presence=) is not in gitract.postprocess yet",
-)
 def test_presence_reaches_the_post_processing() -> None:
+    """The aux head's quantised presence drives the gate_cls step: a low presence vetoes a
+    slice that the masks alone keep."""
     ids = ["case1_day0_slice_0001", "case1_day0_slice_0002"]
     probs = quantize(np.full((2, 3, 6, 6), 0.9, np.float32))
-    params = default_params()
-    ungated = encode_volume(ids, probs, params)
-    low = np.zeros((2, 3), np.float32)
-    gated = encode_volume(ids, probs, params, presence=low)
-    assert ungated[(ids[0], "stomach")] != ""
-    assert gated != ungated  # a presence of 0 must be able to veto a slice
+    params = [dataclasses.replace(p, gate_cls=0.5) for p in default_params()]
+    presence = quantize(np.array([[0.9, 0.9, 0.9], [0.9, 0.1, 0.9]], np.float32))
+    got = encode_volume(ids, probs, params, presence)
+    assert got[(ids[1], "small_bowel")] == "" and got[(ids[0], "small_bowel")] != ""
+    assert got[(ids[1], "stomach")] != ""
+    with pytest.raises(ValueError, match="gate_cls"):
+        encode_volume(ids, probs, params)
 
 
 # --------------------------------------------------------------------------- 2.5D + 3D end to end
