@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,9 @@ from gitract.postprocess import ClassPostprocess, postprocess_volume, quantize
 from gitract.rle import rle_encode
 from gitract.volumes import VolumeCache
 
+if TYPE_CHECKING:  # gitract.blend imports this module
+    from gitract.blend import BlendSpec
+
 __all__ = [
     "OOF_PROBS_DIR",
     "POSTPROCESS_FILE",
@@ -44,6 +48,7 @@ __all__ = [
     "load_postprocess",
     "params_from_config",
     "predict_probs",
+    "predict_slices",
     "predict_volumes",
     "read_sample_submission",
     "write_submission",
@@ -154,21 +159,40 @@ class Ensemble:
 
         The views go through each model as one batch: one forward pass per model, which keeps
         a GPU busier than a pass per view (and costs the views' activations in memory)."""
+        return self.predict_with_presence(images)[0]
+
+    @torch.inference_mode()
+    def predict_with_presence(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`predict`, plus the per-slice organ presence probability (N, 3) of the models
+        built with an aux head (``model.aux_head``: they return ``(mask_logits,
+        presence_logits)``), averaged over those models and the views; None when none has one."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True, memory_format=memory_format)
         views = [()] + [FLIP_DIMS[name] for name in self.tta_flips]
         batch = torch.cat([images.flip(flip) if flip else images for flip in views])
         batch = batch.contiguous(memory_format=memory_format)
-        total = None
+        total, presence, with_presence = None, None, 0
         for model in self.models:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = model(batch)
+                output = model(batch)
+            logits = output
+            if isinstance(output, (tuple, list)):
+                logits = output[0]
+                if len(output) > 1 and output[1] is not None:
+                    # A flip leaves "is the organ on this slice" unchanged: mean of the views.
+                    views_presence = torch.sigmoid(output[1].float()).chunk(len(views))
+                    mean = torch.stack(views_presence).mean(0)
+                    presence = mean if presence is None else presence + mean
+                    with_presence += 1
             for flip, probs in zip(
                 views, torch.sigmoid(logits.float()).chunk(len(views)), strict=True
             ):
                 probs = probs.flip(flip) if flip else probs
                 total = probs if total is None else total + probs
-        return total / (len(self.models) * len(views))
+        mean_presence = None if presence is None else presence / with_presence
+        return total / (len(self.models) * len(views)), mean_presence
 
 
 def params_from_config(
@@ -249,16 +273,17 @@ def load_postprocess(
         ) from None
 
 
-def predict_probs(
+def predict_slices(
     ensemble: Ensemble,
     table: pd.DataFrame,
     cache: VolumeCache,
     batch_size: int,
     num_workers: int = 0,
     progress: bool = True,
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(id, probabilities)`` for every slice of ``table`` in its order, batch by batch:
-    float32 (3, H, W) at the slice's own size."""
+) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """Yield ``(id, probabilities, presence)`` for every slice of ``table`` in its order, batch
+    by batch: float32 (3, H, W) at the slice's own size, and the aux head's float32 (3,)
+    presence probability or None (:meth:`Ensemble.predict_with_presence`)."""
     from gitract.dataset import SliceDataset
 
     dataset = SliceDataset(table, cache, ensemble.data_config)
@@ -270,9 +295,28 @@ def predict_probs(
         pin_memory=ensemble.device.type == "cuda",
     )
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        probs = ensemble.predict(batch["image"]).cpu().numpy()
+        probs, presence = ensemble.predict_with_presence(batch["image"])
+        probs = probs.cpu().numpy()
+        presence = None if presence is None else presence.cpu().numpy()
         for k, index in enumerate(batch["index"].tolist()):
-            yield dataset.ids[index], dataset.letterbox(index).invert(probs[k])
+            slice_presence = None if presence is None else presence[k]
+            yield dataset.ids[index], dataset.letterbox(index).invert(probs[k]), slice_presence
+
+
+def predict_probs(
+    ensemble: Ensemble,
+    table: pd.DataFrame,
+    cache: VolumeCache,
+    batch_size: int,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(id, probabilities)`` for every slice of ``table`` in its order, batch by batch:
+    float32 (3, H, W) at the slice's own size."""
+    for slice_id, probs, _ in predict_slices(
+        ensemble, table, cache, batch_size, num_workers, progress
+    ):
+        yield slice_id, probs
 
 
 def predict_volumes(
@@ -286,11 +330,15 @@ def predict_volumes(
 
 
 def encode_volume(
-    ids: Sequence[str], probs: np.ndarray, params: Sequence[ClassPostprocess]
+    ids: Sequence[str],
+    probs: np.ndarray,
+    params: Sequence[ClassPostprocess],
+    presence: np.ndarray | None = None,
 ) -> dict[tuple[str, str], str]:
-    """Post-process one case-day's quantised probabilities and RLE-encode every slice:
-    ``{(id, class): rle}``."""
-    masks = postprocess_volume(probs, params)
+    """Post-process one case-day's quantised probabilities (with the aux head's quantised
+    per-slice presence probabilities uint8 (D, 3), when there are some: the ``gate_cls`` step)
+    and RLE-encode every slice: ``{(id, class): rle}``."""
+    masks = postprocess_volume(probs, params, presence=presence)
     return {
         (slice_id, name): rle_encode(masks[z, c])
         for z, slice_id in enumerate(ids)
@@ -334,7 +382,7 @@ def write_submission(
 def infer_test(
     infer: InferConfig,
     data_dir: Path,
-    runs: Path,
+    runs: Path | BlendSpec,
     folds: Sequence[int] | None = None,
     out: Path | None = None,
     device: torch.device | None = None,
@@ -346,11 +394,18 @@ def infer_test(
 ) -> Path:
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
 
-    Post-processing: ``tuned_file``, else ``runs/postprocess.json``, else the config's
-    (``postprocess`` section, thresholds from ``infer`` where it has none).
+    ``runs``: one runs folder (its folds, TTA and batch size of ``infer``), or a
+    :class:`~gitract.blend.BlendSpec` (each member with its own config's TTA and batch size,
+    probabilities averaged with the weights on each slice's own grid).
+
+    Post-processing: ``tuned_file``, else ``postprocess.json`` in the runs folder (the blend's
+    folder for a blend), else the config's (``postprocess`` section, thresholds from ``infer``
+    where it has none).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
     header-only submission at once, without loading any model."""
+    from gitract.blend import BlendSpec, blend_days, load_member
+
     out = Path(out) if out is not None else default_output_path()
     sample_path = data_dir / "sample_submission.csv"
     sample = read_sample_submission(sample_path)
@@ -369,31 +424,55 @@ def infer_test(
     days = images.loc[images["id"].isin(wanted), "case_day"].unique()
     table = images[images["case_day"].isin(days)]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ensemble = Ensemble.load(find_checkpoints(runs, folds), device, infer.tta_flips)
-    params = load_postprocess(runs, infer, postprocess, tuned_file)
+    if isinstance(runs, BlendSpec):
+        members = [
+            load_member(spec, device, folds, num_workers=num_workers) for spec in runs.members
+        ]
+        folder = runs.dir
+    else:
+        single = _single_member(Path(runs))
+        members = [
+            load_member(single, device, folds, infer.tta_flips, infer.batch_size, num_workers)
+        ]
+        folder = Path(runs)
+    params = load_postprocess(folder, infer, postprocess, tuned_file)
     cache = VolumeCache(table, cache_dir, with_masks=False, progress=progress)
     # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
-    day_of = dict(zip(targets["id"], targets["case_day"], strict=True))
-    probs = predict_probs(ensemble, targets, cache, infer.batch_size, num_workers, progress)
     predictions: dict[tuple[str, str], str] = {}
-    for _, ids, volume in predict_volumes(probs, day_of):
-        predictions.update(encode_volume(ids, volume, params))
+    for day in blend_days(members, targets, cache, progress):
+        presence = None if day.presence is None else quantize(day.presence)
+        predictions.update(encode_volume(day.ids, quantize(day.probs), params, presence))
     write_submission(sample, predictions, out)
     return out
 
 
-def _save_volume_probs(folder: Path, case_day: str, ids: list[str], stacked: np.ndarray) -> None:
-    """One case-day's quantised probabilities, uint8 (D, 3, H, W), in a compressed .npz."""
+def _single_member(runs: Path):  # -> gitract.blend.MemberSpec
+    from gitract.blend import MemberSpec
+
+    return MemberSpec(runs, 1.0)
+
+
+def _save_volume_probs(
+    folder: Path,
+    case_day: str,
+    ids: list[str],
+    stacked: np.ndarray,
+    presence: np.ndarray | None = None,
+) -> None:
+    """One case-day's quantised probabilities, uint8 (D, 3, H, W), in a compressed .npz, with
+    the quantised per-slice presence probabilities uint8 (D, 3) as ``presence`` when there are
+    some (what gitract.tuning reads for the ``gate_cls`` step)."""
+    extra = {} if presence is None else {"presence": presence}
     # The temp name does not end in .npz: a leftover is never taken for a volume by the tuner.
     with atomic_path(folder / f"{case_day}.npz") as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids))
+        np.savez_compressed(handle, probs=stacked, ids=np.asarray(ids), **extra)
 
 
 def infer_oof(
     cfg: Config,
     data_dir: Path,
-    runs: Path,
+    runs: Path | BlendSpec,
     folds_csv: Path,
     folds: Sequence[int] | None = None,
     out: Path | None = None,
@@ -401,10 +480,13 @@ def infer_oof(
     num_workers: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Out-of-fold predictions: fold N's validation slices by fold N's model alone.
+    """Out-of-fold predictions: fold N's validation slices by fold N's model alone (for a
+    blend, by every member's fold-N model, blended as on the test set).
 
-    Writes an ``id,class,predicted`` CSV (default ``<runs>/oof.csv``) and each case-day's
-    probabilities under ``<runs>/oof_probs/``, which ``evaluate.py --tune`` searches."""
+    Writes an ``id,class,predicted`` CSV (default ``<folder>/oof.csv``) and each case-day's
+    probabilities under ``<folder>/oof_probs/``, which ``evaluate.py --tune`` searches;
+    ``<folder>`` is the runs folder, or the blend's folder."""
+    from gitract.blend import BlendSpec, blend_days, load_member
     from gitract.folds import load_folds  # sklearn: imported only when OOF needs it
 
     table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
@@ -413,33 +495,45 @@ def infer_oof(
     unknown = [f for f in folds if f not in known]
     if unknown:
         raise DataError(f"{folds_csv}: there is no fold {unknown[0]}; its folds are {known}")
-    checkpoints = {fold: find_checkpoints(runs, [fold]) for fold in folds}  # all, before any work
+    if isinstance(runs, BlendSpec):
+        specs, folder, own = list(runs.members), runs.dir, True
+    else:
+        specs, folder, own = [_single_member(Path(runs))], Path(runs), False
+    for spec in specs:  # every checkpoint there, before any work
+        for fold in folds:
+            find_checkpoints(spec.run, [fold])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Always the config's post-processing, never the tuned one: thresholds tuned on these very
     # predictions would make the OOF score optimistic (evaluate.py --tune reports that score).
     params = params_from_config(cfg.infer, cfg.postprocess)
     # The training cache has the masks too; reusing it avoids decoding the PNGs again.
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
-    probs_dir = runs / OOF_PROBS_DIR
+    probs_dir = folder / OOF_PROBS_DIR
     probs_dir.mkdir(parents=True, exist_ok=True)
     table = table.sort_values(["case", "day", "slice"], kind="stable")
     predictions: dict[tuple[str, str], str] = {}
     for fold in folds:
-        ensemble = Ensemble.load(checkpoints[fold], device, cfg.infer.tta_flips)
+        if own:  # a blend: each member with its own config's TTA and batch size
+            members = [load_member(s, device, [fold], num_workers=num_workers) for s in specs]
+        else:
+            members = [
+                load_member(
+                    specs[0], device, [fold], cfg.infer.tta_flips, cfg.infer.batch_size,
+                    num_workers,
+                )
+            ]  # fmt: skip
         val = table[table["fold"] == fold]
-        day_of = dict(zip(val["id"], val["case_day"], strict=True))
-        stream = predict_probs(
-            ensemble, val, cache, cfg.infer.batch_size, num_workers, progress=progress
-        )
         # Slices arrive in slice order, one case-day after the other: each day's probabilities
         # are saved, then encoded, then dropped, so memory holds one volume at a time.
-        for case_day, ids, volume in predict_volumes(stream, day_of):
-            _save_volume_probs(probs_dir, case_day, ids, volume)
-            predictions.update(encode_volume(ids, volume, params))
+        for day in blend_days(members, val, cache, progress):
+            volume = quantize(day.probs)
+            presence = None if day.presence is None else quantize(day.presence)
+            _save_volume_probs(probs_dir, day.case_day, day.ids, volume, presence)
+            predictions.update(encode_volume(day.ids, volume, params, presence))
     rows = table[table["fold"].isin(folds)]
     sample = pd.DataFrame(
         [(i, name) for i in rows["id"] for name in CLASSES], columns=["id", "class"]
     )
-    out = out or runs / "oof.csv"
+    out = out or folder / "oof.csv"
     write_submission(sample, predictions, out)
     return out

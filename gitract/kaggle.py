@@ -42,12 +42,18 @@ from gitract.errors import CheckpointError, GitractError
 __all__ = [
     "BUNDLED_WHEELS",
     "COMPETITION",
+    "ENSEMBLE_FILE",
     "MANIFEST",
+    "WHEELS_3D",
     "BundleInfo",
+    "MemberEstimate",
     "RuntimeEstimate",
     "build_bundle",
     "build_gitract_wheel",
     "collect_runs",
+    "count_flops",
+    "estimate_blend",
+    "format_blend_estimate",
     "dataset_metadata",
     "estimate_runtime",
     "fetch_wheel",
@@ -56,6 +62,7 @@ __all__ = [
     "measure_throughput",
     "notebook_from_script",
     "run_config",
+    "sliding_window_tiles",
 ]
 
 COMPETITION = "uw-madison-gi-tract-image-segmentation"
@@ -71,6 +78,12 @@ BUNDLED_WHEELS: dict[str, str] = {
         "installs it only when the image's timm is missing or older"
     ),
 }
+#: Wheels added only when a 3D run is in the blend (pure Python too).
+WHEELS_3D: dict[str, str] = {
+    "monai": "not in Kaggle images; the 3D networks and sliding-window inference come from it",
+}
+#: The blend's description in a bundle of several runs (read by the kernel).
+ENSEMBLE_FILE = "ensemble.json"
 PLACEHOLDER_USER = "YOUR_KAGGLE_USERNAME"
 _RUN_FILES = ("best.pt", "config.yaml")
 
@@ -84,6 +97,7 @@ class BundleInfo:
     wheels: list[Path]
     runs: Path
     folds: list[str]
+    ensemble: Path | None = None  # ensemble.json of a blend bundle
 
 
 # --------------------------------------------------------------------------- wheels
@@ -281,8 +295,23 @@ def _replace_dir(staged: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the bundle
 
 
+def _blend_members(runs) -> tuple[list, Path | None]:
+    """(member specs, the blend's folder) of a BlendSpec or a list of runs folders."""
+    from gitract.blend import BlendSpec, blend_spec
+
+    spec = runs if isinstance(runs, BlendSpec) else blend_spec([Path(r) for r in runs])
+    return list(spec.members), spec.dir
+
+
+def _is_3d(run: Path) -> bool:
+    from gitract.blend import run_kind
+    from gitract.inference import find_checkpoints
+
+    return run_kind(find_checkpoints(run)[0]) == "3d"
+
+
 def build_bundle(
-    runs: Path,
+    runs,  # Path (one run) | Sequence[Path] | gitract.blend.BlendSpec (a blend)
     dataset_dir: Path,
     kernel_dir: Path,
     kernel_script: Path,
@@ -291,24 +320,65 @@ def build_bundle(
     user: str | None = None,
     dataset_slug: str = "gitract-bundle",
     kernel_slug: str = "gitract-submission",
+    postprocess: Path | None = None,
 ) -> BundleInfo:
     """Write the Kaggle dataset (wheels, runs, metadata) and the kernel folder.
 
-    Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, taken from
-    ``wheel_cache`` (downloaded there once); gitract's is built from ``source``."""
+    ``runs``: one runs folder (``runs/<name>/`` as it is, with its postprocess.json), or a
+    blend (several runs folders with equal weights, or a :class:`~gitract.blend.BlendSpec`):
+    every member's folds under ``runs/<name>/``, ``ensemble.json`` (members and weights) and
+    the blend's ``postprocess.json`` (``postprocess``, else the one in the blend's folder) at
+    the top. Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, plus
+    :data:`WHEELS_3D` when a run is 3D, taken from ``wheel_cache`` (downloaded there once);
+    gitract's is built from ``source``."""
     user = user or os.environ.get("KAGGLE_USERNAME") or PLACEHOLDER_USER
     if not kernel_script.is_file():
         raise GitractError(f"{kernel_script}: kernel script not found")
+    blend = not isinstance(runs, (str, Path))
+    if blend:
+        members, blend_dir = _blend_members(runs)
+        names = [m.run.resolve().name for m in members]
+        if len(set(names)) != len(names):
+            raise GitractError(f"blend: two runs share a folder name ({', '.join(names)})")
+        if postprocess is None and blend_dir is not None:
+            from gitract.inference import POSTPROCESS_FILE
+
+            found = blend_dir / POSTPROCESS_FILE
+            postprocess = found if found.is_file() else None
+        elif postprocess is not None and not Path(postprocess).is_file():
+            raise GitractError(f"{postprocess}: no such post-processing file")
+    else:
+        members, names = [], [Path(runs).resolve().name]
+        if postprocess is not None:
+            raise GitractError("--postprocess goes with a blend; a run bundles its own")
     for folder in (dataset_dir, kernel_dir):
         folder.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=dataset_dir.parent))
     staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=kernel_dir.parent))
     try:
-        run_dest = staged / "runs" / runs.resolve().name
-        folds = collect_runs(runs, run_dest)
+        if blend:
+            folds = []
+            for member, name in zip(members, names, strict=True):
+                folds += [f"{name}/{f}" for f in collect_runs(member.run, staged / "runs" / name)]
+            ensemble = {
+                "members": [
+                    {"run": f"runs/{name}", "weight": m.weight}
+                    for m, name in zip(members, names, strict=True)
+                ],
+                "dir": ".",
+            }
+            _write_json(staged / ENSEMBLE_FILE, ensemble)
+            if postprocess is not None:
+                shutil.copy2(postprocess, staged / "postprocess.json")
+            with_3d = any(_is_3d(m.run) for m in members)
+        else:
+            run_dest = staged / "runs" / names[0]
+            folds = collect_runs(Path(runs), run_dest)
+            with_3d = _is_3d(Path(runs))
         wheels_dir = staged / "wheels"
         wheels = [build_gitract_wheel(source, wheels_dir)]
-        for name in BUNDLED_WHEELS:
+        third_party = {**BUNDLED_WHEELS, **(WHEELS_3D if with_3d else {})}
+        for name in third_party:
             try:
                 version = importlib.metadata.version(name)
             except importlib.metadata.PackageNotFoundError:
@@ -316,14 +386,16 @@ def build_bundle(
             cached = fetch_wheel(name, version, wheel_cache)
             shutil.copy2(cached, wheels_dir / cached.name)
             wheels.append(wheels_dir / cached.name)
+        packages = "gitract segmentation-models-pytorch" + (" monai" if with_3d else "")
         manifest = {
             "gitract": importlib.metadata.version("gitract"),
-            "run": run_dest.name,
+            "run": names[0] if not blend else None,
+            "runs": names,
             "folds": folds,
+            "ensemble": ENSEMBLE_FILE if blend else None,
             "wheels": {w.name: _sha256(w) for w in wheels},
-            "bundled_because": BUNDLED_WHEELS,
-            "install": "pip install --no-index --no-deps --find-links wheels "
-            "gitract segmentation-models-pytorch",
+            "bundled_because": third_party,
+            "install": f"pip install --no-index --no-deps --find-links wheels {packages}",
         }
         _write_json(staged / MANIFEST, manifest)
         _write_json(staged / "dataset-metadata.json", dataset_metadata(user, dataset_slug))
@@ -344,8 +416,9 @@ def build_bundle(
         dataset_dir,
         kernel_dir,
         [dataset_dir / "wheels" / w.name for w in wheels],
-        dataset_dir / "runs" / run_dest.name,
+        dataset_dir / "runs" if blend else dataset_dir / "runs" / names[0],
         folds,
+        dataset_dir / ENSEMBLE_FILE if blend else None,
     )
 
 
@@ -467,3 +540,147 @@ def format_estimate(est: RuntimeEstimate, limit_hours: float = 9.0) -> str:
             f"kaggle limit     {limit_hours:g} h: {verdict}",
         ]
     )
+
+
+# ------------------------------------------------------------------- FLOP estimate of a blend
+
+#: Assumed effective T4 throughput (fp16 autocast), TFLOP/s, per kind of member: an assumption,
+#: not a measurement (no T4 here). 2.5D: EfficientNet's depthwise convolutions are memory-bound
+#: (~1.4 TFLOP/s, the README's figure for a B7 U-Net at batch 32). 3D: dense 3x3x3 convolutions
+#: run on the tensor cores (T4 peak 65 TFLOP/s fp16); ~8 TFLOP/s, about an eighth of the peak.
+ASSUMED_T4_TFLOPS: dict[str, float] = {"2.5d": 1.4, "3d": 8.0}
+
+
+@dataclass(frozen=True)
+class MemberEstimate:
+    """Forward passes and FLOPs of one member of a blend on the hidden test."""
+
+    name: str
+    kind: str
+    model: str
+    input_shape: tuple[int, ...]  # of one forward pass (batch 1)
+    passes_per_view: int  # 2.5D: slices; 3D: sliding-window tiles over all case-days
+    folds: int
+    views: int
+    gflops_per_pass: float
+    weight: float = 1.0
+
+    @property
+    def forward_passes(self) -> int:
+        return self.passes_per_view * self.folds * self.views
+
+    @property
+    def flops(self) -> float:
+        return self.forward_passes * self.gflops_per_pass * 1e9
+
+
+def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` runs over a volume of ``shape``: per axis,
+    a stride of ``int(patch * (1 - overlap))`` (at least 1; the whole patch where the axis
+    equals it) and as many windows as it takes for the last to reach the end (one where the
+    axis is no longer than the patch: the volume is padded)."""
+    tiles = 1
+    for size, roi in zip(shape, patch, strict=True):
+        if size <= roi:
+            continue
+        stride = max(int(roi * (1 - overlap)), 1)
+        count = next(d for d in range(size) if d * stride + roi >= size) + 1
+        tiles *= count
+    return tiles
+
+
+def count_flops(model, input_shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass at ``input_shape`` (``torch.utils.flop_counter``), counted on
+    the meta device: shapes only, no arithmetic, so a B7 or a 3D SegResNet takes seconds."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.empty(*input_shape, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def estimate_blend(
+    members,  # Sequence[gitract.blend.MemberSpec]
+    slices: int,
+    case_days: int,
+    folds: int | None = None,
+) -> list[MemberEstimate]:
+    """Per member: forward passes on a hidden test of ``slices`` slices in ``case_days``
+    case-days (3D: each case-day ``slices / case_days`` deep, rounded up) and FLOPs per pass,
+    from the config of its first checkpoint (random-init network of that config: no weights
+    loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
+    import math
+
+    from gitract.blend import run_config_of
+    from gitract.inference import find_checkpoints
+    from gitract.model import build_model
+
+    if slices < 1 or case_days < 1:
+        raise GitractError(f"--slices and --case-days must be >= 1, got {slices}, {case_days}")
+    out = []
+    for member in members:
+        paths = find_checkpoints(member.run)
+        cfg = run_config_of(paths[0])
+        views = 1 + len(cfg.infer.tta_flips)
+        kind = getattr(cfg.model, "kind", "2.5d") or "2.5d"
+        if kind == "3d":
+            from gitract.model3d import build_model3d
+
+            model = build_model3d(cfg.model)
+            patch = tuple(int(s) for s in cfg.data.patch_size)
+            depth = math.ceil(slices / case_days)
+            grid = (depth, int(cfg.data.grid_hw[0]), int(cfg.data.grid_hw[1]))
+            passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
+            shape, name = (1, 1, *patch), f"{cfg.model.arch} {cfg.model.init_filters} filters"
+        else:
+            model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
+            model = build_model(model_cfg, in_channels=cfg.data.in_channels)
+            shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
+            passes, name = slices, f"{cfg.model.arch}/{cfg.model.encoder_name}"
+        gflops = count_flops(model, shape) / 1e9
+        n_folds = folds or len(paths)
+        out.append(
+            MemberEstimate(
+                member.run.name, kind, name, shape, passes, n_folds, views, gflops, member.weight
+            )
+        )
+    return out
+
+
+def format_blend_estimate(
+    estimates: list[MemberEstimate],
+    slices: int,
+    case_days: int,
+    tflops: dict[str, float] | None = None,
+    limit_hours: float = 9.0,
+) -> str:
+    """The FLOP arithmetic per member and in all, against the 9-hour limit, at the assumed T4
+    throughputs (labelled as an estimate)."""
+    tflops = {**ASSUMED_T4_TFLOPS, **(tflops or {})}
+    lines = [
+        f"FLOP estimate (an estimate, not a measurement): {slices} slices in {case_days} "
+        f"case-days, assumed T4 effective throughput "
+        + ", ".join(f"{k} {v:g} TFLOP/s" for k, v in tflops.items())
+    ]
+    total = 0.0
+    for est in estimates:
+        seconds = est.flops / (tflops[est.kind] * 1e12)
+        total += seconds
+        unit = "slices" if est.kind != "3d" else "tiles"
+        lines.append(
+            f"  {est.name} ({est.kind}, {est.model}, input {'x'.join(map(str, est.input_shape))}"
+            f", weight {est.weight:g}): {est.passes_per_view} {unit} x {est.folds} folds x "
+            f"{est.views} views = {est.forward_passes} passes x {est.gflops_per_pass:.1f} GFLOPs"
+            f" = {est.flops / 1e15:.2f} PFLOPs -> {seconds:.0f} s = {seconds / 3600:.2f} h"
+        )
+    hours = total / 3600
+    verdict = "fits" if hours <= limit_hours else "does NOT fit"
+    lines.append(
+        f"  blend total: {total:.0f} s = {hours:.2f} h of model time; "
+        f"kaggle limit {limit_hours:g} h: {verdict}"
+    )
+    return "\n".join(lines)

@@ -1,6 +1,8 @@
 """Build the offline Kaggle bundle (a dataset) and the kernel that uses it.
 
     python scripts/build_kaggle.py [--runs runs/default] [--out dist] [--user NAME]
+    python scripts/build_kaggle.py --runs runs/a runs/b [--weights 0.6 0.4] [--postprocess F]
+    python scripts/build_kaggle.py --ensemble ensembles/b7_3d.yaml     # a blend, as infer.py
 
 Writes dist/kaggle-dataset/ (gitract + bundled wheels, the trained folds, dataset-metadata.json)
 and dist/kaggle-kernel/ (kaggle_kernel.py/.ipynb, kernel-metadata.json). Third-party wheels are
@@ -13,6 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
+from gitract.blend import blend_spec, read_ensemble
 from gitract.cli import run_main
 from gitract.kaggle import build_bundle
 
@@ -21,7 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs/default", help="trained folds: runs/<name>")
+    parser.add_argument(
+        "--runs", nargs="+", default=["runs/default"], help="trained folds: runs/<name> ..."
+    )
+    parser.add_argument("--weights", type=float, nargs="+", help="blend weights, one per run")
+    parser.add_argument("--ensemble", help="ensemble file (as infer.py --ensemble)")
+    parser.add_argument(
+        "--postprocess", help="the blend's postprocess.json (default: the blend folder's)"
+    )
     parser.add_argument("--out", default="dist", help="output folder")
     parser.add_argument("--wheel-cache", help="downloaded wheels (default: <out>/wheel-cache)")
     parser.add_argument(
@@ -31,14 +41,23 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--dataset-slug", default="gitract-bundle", help="dataset name")
     parser.add_argument("--kernel-slug", default="gitract-submission", help="kernel name")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.weights and len(args.weights) != len(args.runs):
+        parser.error(f"--weights: give one per --runs entry ({len(args.runs)})")
+    return args
 
 
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
+    if args.ensemble:
+        runs = read_ensemble(args.ensemble)
+    elif len(args.runs) > 1 or args.weights:
+        runs = blend_spec([Path(r) for r in args.runs], args.weights)
+    else:
+        runs = Path(args.runs[0])
     info = build_bundle(
-        runs=Path(args.runs),
+        runs=runs,
         dataset_dir=out / "kaggle-dataset",
         kernel_dir=out / "kaggle-kernel",
         kernel_script=REPO / "scripts" / "kaggle_kernel.py",
@@ -47,6 +66,7 @@ def main() -> None:
         user=args.user,
         dataset_slug=args.dataset_slug,
         kernel_slug=args.kernel_slug,
+        postprocess=Path(args.postprocess) if args.postprocess else None,
     )
     print(f"wrote {info.dataset_dir} (runs {info.runs.name}: {', '.join(info.folds)})")
     for wheel in info.wheels:

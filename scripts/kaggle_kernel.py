@@ -3,7 +3,11 @@
 dist/kaggle-kernel/ (made by `make kaggle`) with `kaggle kernels push`.
 
     python kaggle_kernel.py                                  # the submission
-    python kaggle_kernel.py --estimate [--slices 25000] [--runs R | --config C]
+    python kaggle_kernel.py --estimate [--slices 25000] [--runs R [R2 ...] | --config C]
+
+A bundle of several runs (made by build_kaggle.py --runs A B / --ensemble FILE) holds an
+ensemble.json: the kernel blends its members with their weights (the monai wheel is installed
+when one is 3D). --estimate counts each member's forward passes and FLOPs against the limit.
 
 Inputs: the competition data, and the bundle dataset (any name; found by its gitract wheel)
 under <root>/input/. <root> is /kaggle unless $GITRACT_KAGGLE_ROOT names another. The
@@ -27,6 +31,7 @@ COMPETITION = "uw-madison-gi-tract-image-segmentation"
 REQUIRED = ("gitract", "segmentation-models-pytorch")
 MIN_TIMM = (1, 0)
 SEARCH_DEPTH = 4  # input/<dataset>/[<zip folder>/]wheels/gitract-*.whl
+ENSEMBLE_FILE = "ensemble.json"  # gitract.kaggle.ENSEMBLE_FILE
 
 
 class KernelError(Exception):
@@ -74,6 +79,18 @@ def find_runs(bundle: Path) -> Path:
     return runs[0]
 
 
+def find_blend(bundle: Path) -> tuple[Path | None, list[Path]]:
+    """(ensemble.json or None, every runs folder of the bundle): a bundle of one run has no
+    ensemble.json; several runs without one are blended with equal weights."""
+    runs = sorted({p.parent.parent for p in bundle.rglob("best.pt")})
+    if not runs:
+        raise KernelError(f"{bundle}: no trained folds (<fold>/best.pt) in the bundle")
+    ensembles = sorted(bundle.rglob(ENSEMBLE_FILE))
+    if len(ensembles) > 1:
+        raise KernelError(f"{bundle}: several {ENSEMBLE_FILE} ({', '.join(map(str, ensembles))})")
+    return (ensembles[0] if ensembles else None), runs
+
+
 def _timm_too_old() -> bool:
     try:
         version = importlib.metadata.version("timm")
@@ -95,6 +112,8 @@ def install(wheels: Path) -> None:
     packages = list(REQUIRED)
     if _timm_too_old() and any(wheels.glob("timm-*.whl")):
         packages.append("timm")
+    if any(wheels.glob("monai-*.whl")):  # bundled only for a blend with a 3D run
+        packages.append("monai")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
@@ -124,9 +143,17 @@ def cache_dir(root: Path) -> Path:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", help="trained folds (default: the bundle's)")
+    parser.add_argument(
+        "--runs", nargs="+", help="trained folds (default: the bundle's); several: a blend"
+    )
+    parser.add_argument("--weights", type=float, nargs="+", help="blend weights, one per run")
     parser.add_argument("--estimate", action="store_true", help="estimate the run time instead")
     parser.add_argument("--slices", type=int, default=25000, help="hidden test size (estimate)")
+    parser.add_argument(
+        "--case-days", type=int, default=170, help="hidden test case-days (estimate, 3D tiles)"
+    )
+    parser.add_argument("--tflops-2d", type=float, help="estimate: assumed 2.5D TFLOP/s")
+    parser.add_argument("--tflops-3d", type=float, help="estimate: assumed 3D TFLOP/s")
     parser.add_argument("--config", help="estimate for a config's model (random init) instead")
     parser.add_argument("--folds", type=int, help="estimate: number of folds (default: runs')")
     parser.add_argument("--batch-size", type=int, help="estimate: batch size to time")
@@ -148,6 +175,26 @@ def ensure_gitract(root: Path, force: bool) -> Path | None:
     return wheels
 
 
+def resolve_runs(args: argparse.Namespace, bundle: Path | None):
+    """What to predict with: a runs folder (one run, as before), or a BlendSpec (the bundle's
+    ensemble.json, several bundled runs, or --runs A B [--weights])."""
+    from gitract.blend import blend_spec, read_ensemble
+
+    if args.runs:
+        runs = [Path(r) for r in args.runs]
+        if len(runs) == 1 and not args.weights:
+            return runs[0]
+        return blend_spec(runs, args.weights)  # postprocess.json: runs/blend_<A>+<B>/, if any
+    if bundle is None:
+        raise KernelError("no bundle and no --runs")
+    ensemble, runs = find_blend(bundle)
+    if ensemble is not None:
+        return read_ensemble(ensemble, base=ensemble.parent)
+    if len(runs) == 1:
+        return runs[0]
+    return blend_spec(runs, None, bundle)
+
+
 def predict(args: argparse.Namespace, root: Path) -> Path:
     """Install, then gitract's own inference with every path given explicitly."""
     start = time.perf_counter()
@@ -157,18 +204,24 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     # The volume cache must not go to the read-only input nor into the kernel's saved output.
     os.environ["GITRACT_CACHE_DIR"] = str(cache_dir(root))
     wheels = ensure_gitract(root, force=True)
-    runs = Path(args.runs) if args.runs else find_runs(wheels.parent)
+    runs = resolve_runs(args, wheels.parent)
 
+    from gitract.blend import BlendSpec
     from gitract.distributed import resolve_num_workers
     from gitract.inference import infer_test
     from gitract.kaggle import run_config
 
-    cfg = run_config(runs)
+    first = runs.members[0].run if isinstance(runs, BlendSpec) else runs
+    cfg = run_config(first)
     workers = args.num_workers
     if workers is None:
         workers = resolve_num_workers(cfg.data.num_workers)
     out = root / "working" / "submission.csv"
-    print(f"runs {runs}, data {data_dir}, cache {os.environ['GITRACT_CACHE_DIR']}", flush=True)
+    if isinstance(runs, BlendSpec):
+        described = " + ".join(f"{m.run} x {m.weight:g}" for m in runs.members)
+    else:
+        described = str(runs)
+    print(f"runs {described}, data {data_dir}, cache {os.environ['GITRACT_CACHE_DIR']}", flush=True)
     infer_test(
         cfg.infer,
         data_dir,
@@ -184,17 +237,35 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
 
 def estimate(args: argparse.Namespace, root: Path) -> None:
     wheels = ensure_gitract(root, force=False)
-    runs = Path(args.runs) if args.runs else None
     config = Path(args.config) if args.config else None
-    if runs is None and config is None:
-        runs = find_runs((wheels or find_bundle(root / "input")).parent)
+    runs = None
+    if config is None:
+        bundle = None if args.runs else (wheels or find_bundle(root / "input")).parent
+        runs = resolve_runs(args, bundle)
 
-    from gitract.kaggle import estimate_runtime, format_estimate
+    from gitract.blend import BlendSpec, MemberSpec
+    from gitract.kaggle import (
+        estimate_blend,
+        estimate_runtime,
+        format_blend_estimate,
+        format_estimate,
+    )
 
-    est = estimate_runtime(
-        args.slices, runs, config, args.folds, args.batch_size, args.batches
-    )  # fmt: skip
-    print(format_estimate(est), flush=True)
+    if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device
+        from gitract.blend import run_kind
+        from gitract.inference import find_checkpoints
+
+        if runs is None or run_kind(find_checkpoints(runs)[0]) != "3d":
+            est = estimate_runtime(
+                args.slices, runs, config, args.folds, args.batch_size, args.batches
+            )  # fmt: skip
+            print(format_estimate(est), flush=True)
+        if runs is None:
+            return
+        runs = BlendSpec((MemberSpec(runs, 1.0),), runs)
+    tflops = {k: v for k, v in (("2.5d", args.tflops_2d), ("3d", args.tflops_3d)) if v}
+    members = estimate_blend(runs.members, args.slices, args.case_days, args.folds)
+    print(format_blend_estimate(members, args.slices, args.case_days, tflops), flush=True)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import sysconfig
 import time
 from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,8 @@ TUNED = {"thresholds": [0.4, 0.5, 0.6], "min_component_size": [0, 5, 0]}
 # venv's own; .pth files (the editable gitract finder among them) are never processed there.
 HIDDEN = (
     "segmentation_models_pytorch*",
+    "monai",
+    "monai-*",
     "gitract*",
     "__editable__*",
     "*.pth",
@@ -123,14 +126,20 @@ def trained_runs(synthetic_set, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_runs, tmp_path_factory):
+def wheel_cache(tmp_path_factory) -> Path:
+    """One download of each third-party wheel for every bundle of this module."""
+    return tmp_path_factory.mktemp("wheel_cache")
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_runs, wheel_cache, tmp_path_factory):
     base = tmp_path_factory.mktemp("kaggle_dist")
     return build_bundle(
         trained_runs,
         base / "dist" / "kaggle-dataset",
         base / "dist" / "kaggle-kernel",
         KERNEL,
-        wheel_cache=base / "wheel-cache",
+        wheel_cache=wheel_cache,
         source=REPO,
         user="tester",
     )
@@ -181,8 +190,12 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _run_kernel(python: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+def _run_kernel(
+    python: Path, root: Path, *args: str, threads: int | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "GITRACT_KAGGLE_ROOT": str(root), "GITRACT_NET_LOG": str(root / "net")}
+    if threads is not None:  # same reduction order as an in-process run on that many threads
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run(
         [str(python), str(root.parent / "kaggle_kernel.py"), "--no-progress", *args],
         cwd=root / "working", env=env, capture_output=True, text=True, timeout=600,
@@ -467,3 +480,140 @@ def test_failed_install_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(kernel.subprocess, "run", failed)
     with pytest.raises(kernel.KernelError, match=r"offline install from .* failed: ERROR: No"):
         kernel.install(tmp_path)
+
+
+# --------------------------------------------------------------------------- a 2.5D + 3D blend
+
+BLEND_TUNED = {"thresholds": [0.3, 0.45, 0.6], "min_component_size": [0, 0, 10]}
+TINY_3D = [
+    "model.kind=3d", "model.arch=UNet", "model.init_filters=4", "data.grid_hw=[32, 32]",
+    "data.patch_size=[16, 32, 32]", "data.num_workers=0", "infer.sw_overlap=0.25",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_3d(tmp_path_factory) -> Path:
+    """runs/tiny3d, folds 0 and 1: random-init MONAI UNets saved as engine saves best.pt."""
+    pytest.importorskip("gitract.model3d", reason="3D runs need gitract.model3d (branch model3d)")
+    from gitract.config import config_to_dict
+    from gitract.model3d import build_model3d
+
+    cfg = load_config(REPO / "configs" / "demo_cpu.yaml", TINY_3D)
+    runs = tmp_path_factory.mktemp("kaggle_3d") / "tiny3d"
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        model = build_model3d(cfg.model)
+        (runs / f"fold{fold}").mkdir(parents=True)
+        ckpt = {"model": model.state_dict(), "config": config_to_dict(cfg), "meta": {}}
+        torch.save(ckpt, runs / f"fold{fold}" / "best.pt")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def blend_bundle(trained_runs, run_3d, wheel_cache, tmp_path_factory):
+    from gitract.blend import blend_spec
+
+    base = tmp_path_factory.mktemp("kaggle_blend")
+    spec = blend_spec([trained_runs, run_3d], [0.7, 0.3], base / "blend")
+    spec.dir.mkdir()
+    (spec.dir / "postprocess.json").write_text(json.dumps(BLEND_TUNED))
+    info = build_bundle(
+        spec, base / "dist" / "kaggle-dataset", base / "dist" / "kaggle-kernel", KERNEL,
+        wheel_cache=wheel_cache, source=REPO, user="tester",
+    )  # fmt: skip
+    return SimpleNamespace(info=info, spec=spec)
+
+
+def test_blend_bundle_carries_every_run_weights_and_monai(blend_bundle, trained_runs, run_3d):
+    data = blend_bundle.info.dataset_dir
+    wheels = sorted(p.name.split("-")[0] for p in (data / "wheels").iterdir())
+    assert wheels == ["gitract", "monai", "segmentation_models_pytorch", "timm"]
+    assert all(p.name.endswith("-py3-none-any.whl") for p in (data / "wheels").iterdir())
+    assert _listing(data / "runs") == [
+        "demo_cpu", "demo_cpu/fold0", "demo_cpu/fold0/best.pt", "demo_cpu/fold0/config.yaml",
+        "demo_cpu/fold1", "demo_cpu/fold1/best.pt", "demo_cpu/fold1/config.yaml",
+        "demo_cpu/postprocess.json",
+        "tiny3d", "tiny3d/fold0", "tiny3d/fold0/best.pt", "tiny3d/fold1", "tiny3d/fold1/best.pt",
+    ]  # fmt: skip
+    ensemble = json.loads((data / "ensemble.json").read_text())
+    assert ensemble["members"] == [
+        {"run": "runs/demo_cpu", "weight": 0.7},
+        {"run": "runs/tiny3d", "weight": 0.3},
+    ]
+    assert json.loads((data / "postprocess.json").read_text()) == BLEND_TUNED
+    manifest = json.loads((data / MANIFEST).read_text())
+    assert manifest["runs"] == ["demo_cpu", "tiny3d"] and "monai" in manifest["install"]
+    assert manifest["folds"] == [
+        "demo_cpu/fold0", "demo_cpu/fold1", "tiny3d/fold0", "tiny3d/fold1"
+    ]  # fmt: skip
+
+
+def test_kernel_predicts_with_a_2d_3d_blend_offline(
+    kaggle_python, blend_bundle, synthetic_set, tmp_path
+):
+    """The fake image lacks smp, gitract and MONAI: all come from the bundle, no network; the
+    submission is gitract's own blend of the same runs with the blend's tuned settings."""
+    root = _kaggle_tree(tmp_path, synthetic_set, blend_bundle.info, "blend-v1", empty=False)
+    shutil.copy2(blend_bundle.info.kernel_dir / "kaggle_kernel.py", tmp_path / "kaggle_kernel.py")
+    result = _run_kernel(kaggle_python, root, "--num-workers", "0", threads=1)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "net").exists(), (root / "net").read_text()
+    assert "demo_cpu x 0.7 + " in result.stdout and "tiny3d x 0.3" in result.stdout
+
+    submission = pd.read_csv(root / "working" / "submission.csv", dtype=str, keep_default_na=False)
+    sample = pd.read_csv(synthetic_set.root / "sample_submission.csv", dtype=str)
+    assert submission[["id", "class"]].equals(sample[["id", "class"]])
+    shapes = scan_images(synthetic_set.root / "test").set_index("id")
+    for slice_id, rle in zip(submission["id"], submission["predicted"], strict=True):
+        hw = (int(shapes.at[slice_id, "height"]), int(shapes.at[slice_id, "width"]))
+        rle_decode(rle, hw)
+
+    with _one_thread():
+        local = infer_test(
+            run_config(blend_bundle.spec.members[0].run).infer, synthetic_set.root,
+            blend_bundle.spec, out=tmp_path / "local.csv", progress=False,
+        )  # fmt: skip
+    assert (root / "working" / "submission.csv").read_text() == local.read_text()
+
+
+def test_estimate_counts_each_members_passes_and_flops(trained_runs, run_3d, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(KERNEL), "--estimate", "--slices", "1000", "--case-days", "10",
+         "--runs", str(trained_runs), str(run_3d), "--tflops-3d", "2"],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "GITRACT_KAGGLE_ROOT": str(tmp_path / "nowhere")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "an estimate" in out and "3d 2 TFLOP/s" in out
+    # 2.5D: slices x folds x views; 3D: 10 case-days of 100 slices, windows of 16 with a
+    # stride of 12 -> 8 along z, 1 in-plane (the 32 x 32 grid is one window): 80 tiles.
+    assert "1000 slices x 2 folds x 2 views = 4000 passes" in out
+    assert "80 tiles x 2 folds x 2 views = 320 passes" in out
+    assert "blend total" in out and "9 h: fits" in out
+
+
+def test_sliding_window_tiles_match_monai():
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    from gitract.kaggle import sliding_window_tiles
+
+    for shape, patch, overlap in [
+        ((144, 256, 256), (80, 160, 160), 0.5), ((80, 256, 256), (80, 160, 160), 0.5),
+        ((147, 256, 256), (80, 160, 160), 0.25), ((20, 32, 32), (16, 32, 32), 0.25),
+        ((10, 40, 50), (16, 32, 32), 0.6),
+    ]:  # fmt: skip
+        padded = tuple(max(s, p) for s, p in zip(shape, patch, strict=True))
+        interval = _get_scan_interval(padded, patch, 3, (overlap,) * 3)
+        want = len(dense_patch_slices(padded, patch, interval))
+        assert sliding_window_tiles(shape, patch, overlap) == want, (shape, patch, overlap)
+
+
+def test_count_flops_of_a_known_convolution():
+    from gitract.kaggle import count_flops
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert count_flops(conv, (1, 3, 10, 10)) == 2 * 8 * 3 * 9 * 100  # 2 x multiply-adds
+    assert conv.weight.device.type == "cpu"  # counted on a copy
