@@ -81,8 +81,8 @@ def restore_rng(saved: Any, rank: int, world_size: int, reseed: int) -> str | No
     A checkpoint of another world size (or an old one with a single dict) cannot give every
     rank its own streams: those ranks are seeded afresh with ``reseed + rank`` (distinct per
     rank) and a note saying so is returned."""
-    states = saved if isinstance(saved, list) else [saved]
-    if saved is None or len(states) != world_size:
+    states = [] if saved is None else saved if isinstance(saved, list) else [saved]
+    if len(states) != world_size:
         torch.manual_seed(reseed + rank)
         random.seed(reseed + rank)
         return (
