@@ -410,3 +410,24 @@ def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Pat
     model, _ = load_model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
     masks, presence = model(torch.rand(2, 3, 64, 64))
     assert masks.shape == (2, 3, 64, 64) and presence.shape == (2, 3)
+
+
+def test_each_rank_gets_its_own_random_streams_back() -> None:
+    from gitract.train_state import capture_rng, restore_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(capture_rng())
+    for rank in (0, 1):
+        assert restore_rng(states, rank, world_size=2, reseed=0) is None
+        torch.manual_seed(rank + 1)
+        want = torch.rand(3)
+        restore_rng(states, rank, world_size=2, reseed=0)
+        assert torch.equal(torch.rand(3), want)
+    # Saved by 2 ranks, resumed on 3: no rank may share another's stream.
+    draws = []
+    for rank in range(3):
+        assert "seeded afresh" in restore_rng(states, rank, world_size=3, reseed=7)
+        draws.append(torch.rand(3))
+    assert len({tuple(d.tolist()) for d in draws}) == 3
