@@ -43,13 +43,18 @@ def _empty_prediction_score(synthetic_set, fold: int) -> float:
 
 
 def test_3d_model_learns_held_out_cases(synthetic_set, tmp_path: Path) -> None:
-    cfg = load_config(DEMO_3D, [*FAST_3D, "train.epochs=6"])
+    cfg = load_config(DEMO_3D, [*FAST_3D, "train.epochs=15"])
     run_dir = fit(cfg, 0, synthetic_set.root, synthetic_set.folds_csv, tmp_path, progress=False)
     history = pd.read_csv(run_dir / "history.csv")
-    assert history["train_loss"].iloc[-1] < 0.85 * history["train_loss"].iloc[0]
+    assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
     assert history["val_loss"].iloc[-1] < history["val_loss"].iloc[0]
+    # Per-slice Dice (both empty counts 1, as in the competition) above predicting nothing,
+    # and the competition score well above it.
+    table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
+    empty_dice = float((table.loc[table["fold"] == 0, list(CLASSES)] == "").to_numpy().mean())
+    assert history["val_dice"].max() > empty_dice, (history["val_dice"].max(), empty_dice)
     baseline = _empty_prediction_score(synthetic_set, fold=0)
-    assert history["val_score"].max() > baseline + 0.1, (history["val_score"].max(), baseline)
+    assert history["val_score"].max() > baseline + 0.2, (history["val_score"].max(), baseline)
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["meta"]["kind"] == "3d" and best["config"]["model"]["kind"] == "3d"
 
