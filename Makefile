@@ -59,7 +59,7 @@ demo: data folds
 		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --out-dir $(DEMO_RUNS)/fold0
 	@echo "== training curves: $(DEMO_RUNS)/fold0/curves.png"
 
-# The winners' ensemble on the demo data (~15 minutes on 2 cores): a 2.5D model with its
+# The winners' ensemble on the demo data (~10 minutes on 2 cores): a 2.5D model with its
 # classification head and a 3D model trained on fold 0, each scored alone (OOF tuned, test),
 # then their blend (0.8 x 2.5D + 0.2 x 3D: the CPU demo's 3D model is the weaker one) tuned
 # and scored the same way.
