@@ -270,7 +270,7 @@ def validate(
     if scorer is not None:
         scorer.reset()
     loss_sum, n_seen, score_seconds = 0.0, 0, 0.0
-    presence_hits = torch.zeros(2, dtype=torch.float64)  # [right, total] of the aux head
+    presence_hits = torch.zeros(2, dtype=torch.float64, device=loop.ctx.device)  # [right, all]
     for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
         image, mask = loop.to_device(batch)
         with loop.autocast():
@@ -278,7 +278,8 @@ def validate(
         logits = logits.float()
         if presence is not None:
             right = (presence.float() > 0) == (_presence_target(mask) > 0)
-            presence_hits += torch.tensor([right.sum().item(), right.numel()])
+            presence_hits[0] += right.sum()
+            presence_hits[1] += right.numel()
         loss_sum += loop.loss_fn(logits, mask).item() * image.shape[0]
         n_seen += image.shape[0]
         probs = torch.sigmoid(logits)
@@ -291,7 +292,7 @@ def validate(
     totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
     metrics = {"val_loss": float(totals[0] / max(totals[1], 1))}
     metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
-    presence_hits = all_reduce_sum(presence_hits, loop.ctx)
+    presence_hits = all_reduce_sum(presence_hits, loop.ctx).cpu()
     if presence_hits[1] > 0:
         metrics["val_presence_acc"] = float(presence_hits[0] / presence_hits[1])
     if scorer is not None:

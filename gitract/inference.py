@@ -47,7 +47,6 @@ __all__ = [
     "infer_test",
     "load_postprocess",
     "params_from_config",
-    "predict_probs",
     "predict_slices",
     "predict_volumes",
     "read_sample_submission",
@@ -301,22 +300,6 @@ def predict_slices(
         for k, index in enumerate(batch["index"].tolist()):
             slice_presence = None if presence is None else presence[k]
             yield dataset.ids[index], dataset.letterbox(index).invert(probs[k]), slice_presence
-
-
-def predict_probs(
-    ensemble: Ensemble,
-    table: pd.DataFrame,
-    cache: VolumeCache,
-    batch_size: int,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(id, probabilities)`` for every slice of ``table`` in its order, batch by batch:
-    float32 (3, H, W) at the slice's own size."""
-    for slice_id, probs, _ in predict_slices(
-        ensemble, table, cache, batch_size, num_workers, progress
-    ):
-        yield slice_id, probs
 
 
 def predict_volumes(

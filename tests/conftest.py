@@ -7,6 +7,9 @@ than whatever the generator happens to write.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,21 @@ import pytest
 
 from gitract.data import CLASSES
 from gitract.rle import rle_encode
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+
+
+def run_torchrun(
+    script: str | Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 script args`` from the project root, one
+    thread a process (2 processes on 2 cores), output captured."""
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
 
 # ../shared/real/ from the project root; absent in a user's fresh clone, so its tests skip.
 REAL_ANNOTATIONS = (

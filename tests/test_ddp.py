@@ -6,14 +6,11 @@ the encoder keeps modules its forward never calls; these runs take several steps
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import needs_torchrun, run_torchrun
 
 from gitract.data import load_train_table
 from gitract.folds import create_folds_file, load_folds
@@ -21,7 +18,6 @@ from gitract.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +29,7 @@ def ddp_set(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base / "data", base / "folds.csv"
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
-)
+@needs_torchrun
 @pytest.mark.parametrize("encoder", ["efficientnet-b0", "tu-mobilenetv3_small_100"])
 def test_torchrun_trains_several_steps(ddp_set: tuple[Path, Path], tmp_path: Path, encoder: str):
     data, folds_csv = ddp_set
@@ -43,16 +37,13 @@ def test_torchrun_trains_several_steps(ddp_set: tuple[Path, Path], tmp_path: Pat
     n_train = int((table["fold"] != 0).sum())
     # At least 3 optimizer steps on each of the 2 ranks at batch 2: the crash came at the second.
     assert n_train // (2 * 2) >= 3, f"only {n_train} training slices"
-    cmd = [
-        str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+    done = run_torchrun(
         "scripts/train.py", "--fold", "0", "--config", str(DEMO),
         "--data-dir", str(data), "--folds-csv", str(folds_csv),
         "--out-dir", str(tmp_path), "--no-progress", "--set",
         f"model.encoder_name={encoder}", "data.img_size=[64, 64]", "data.num_workers=0",
         "train.batch_size=2", "train.epochs=1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("training demo_cpu fold 0 on cpu x2") == 1
     run_dir = tmp_path / "demo_cpu" / "fold0"

@@ -36,7 +36,7 @@ from gitract.inference import (
     infer_test,
     load_postprocess,
     params_from_config,
-    predict_probs,
+    predict_slices,
     predict_volumes,
     read_sample_submission,
     write_submission,
@@ -427,8 +427,8 @@ def test_oof_predicts_the_folds_validation_slices_with_its_own_model(
 
     def predicted(fold: int) -> np.ndarray:
         ensemble = Ensemble.load(find_checkpoints(oof.runs, [fold]), CPU, ["hflip"])
-        stream = predict_probs(ensemble, day_rows, cache, batch_size=32, progress=False)
-        return np.stack([np.rint(p * 255) for _, p in stream]).astype(int)
+        stream = predict_slices(ensemble, day_rows, cache, batch_size=32, progress=False)
+        return np.stack([np.rint(p * 255) for _, p, _ in stream]).astype(int)
 
     assert np.abs(predicted(oof.fold) - probs).max() <= 1
     assert np.abs(predicted(oof.other) - probs).max() > 5

@@ -4,7 +4,6 @@ its outputs follow the train.py contract."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import needs_torchrun, run_torchrun
 
 from gitract.config import load_config
 from gitract.data import CLASSES, load_train_table
@@ -25,11 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
 # Small and quick: 64x64 canvas, no workers (tests run side by side on 2 cores).
 FAST = ["data.img_size=[64, 64]", "data.num_workers=0", "train.batch_size=8"]
-
-
-needs_torchrun = pytest.mark.skipif(
-    not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed"
-)
 
 
 def _train_cmd(synthetic_set, out_dir: Path, *overrides: str, fold: int = 0) -> list[str]:
@@ -159,13 +154,7 @@ def test_resume_on_amp_after_a_run_without_a_scaler(synthetic_set, tmp_path: Pat
 
 @needs_torchrun
 def test_torchrun_two_processes_write_one_set_of_outputs(synthetic_set, tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--standalone", "--nproc_per_node=2",
-        *_train_cmd(synthetic_set, tmp_path, "train.epochs=1"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    done = run_torchrun(*_train_cmd(synthetic_set, tmp_path, "train.epochs=1"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("training demo_cpu fold 0 on cpu x2") == 1
     run_dir = tmp_path / "demo_cpu" / "fold0"
@@ -227,13 +216,9 @@ PROBE = ROOT / "tests" / "probes" / "train_probe.py"
 
 
 def _torchrun(synthetic_set, out_dir: Path, *overrides: str, env: dict | None = None, resume=False):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(PROBE),
-           *_train_cmd(synthetic_set, out_dir, *overrides)[1:]]  # fmt: skip
-    if resume:
-        cmd.append("--resume")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    """scripts/train.py through the test probe, on 2 processes."""
+    args = _train_cmd(synthetic_set, out_dir, *overrides)[1:]
+    return run_torchrun(PROBE, *args, *(["--resume"] if resume else []), env=env)
 
 
 @needs_torchrun

@@ -3,15 +3,12 @@ and it trains under torchrun with EMA and resumes, like the 2.5D model."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
+from conftest import needs_torchrun, run_torchrun
 
 from gitract.config import load_config
 from gitract.data import CLASSES, load_train_table
@@ -24,9 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_3D = ROOT / "configs" / "demo_cpu_3d.yaml"
 # A coarser grid than the demo's, to keep the suite quick on 2 cores.
 FAST_3D = ["data.grid_hw=[32, 32]", "data.patch_size=[16, 32, 32]", "data.num_workers=0"]
-needs_torchrun = pytest.mark.skipif(
-    not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed"
-)
 
 
 def _empty_prediction_score(synthetic_set, fold: int) -> float:
@@ -61,15 +55,13 @@ def test_3d_model_learns_held_out_cases(synthetic_set, tmp_path: Path) -> None:
 
 @needs_torchrun
 def test_3d_model_under_torchrun_with_ema_resumes(synthetic_set, tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--standalone", "--nproc_per_node=2", "scripts/train.py", "--fold", "0",
-        "--config", str(DEMO_3D), "--data-dir", str(synthetic_set.root),
-        "--folds-csv", str(synthetic_set.folds_csv), "--out-dir", str(tmp_path), "--no-progress",
+    args = [
+        "scripts/train.py", "--fold", "0", "--config", str(DEMO_3D),
+        "--data-dir", str(synthetic_set.root), "--folds-csv", str(synthetic_set.folds_csv),
+        "--out-dir", str(tmp_path), "--no-progress",
         "--set", *FAST_3D, "train.epochs=2", "train.ema_decay=0.9",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    first = run_torchrun(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "demo_cpu_3d" / "fold0"
     last = torch.load(run_dir / "last.pt", weights_only=True)
@@ -77,8 +69,7 @@ def test_3d_model_under_torchrun_with_ema_resumes(synthetic_set, tmp_path: Path)
     # As if killed after epoch 1.
     last["epoch"], last["scheduler"]["step"] = 1, last["scheduler"]["step"] // 2
     torch.save(last, run_dir / "last.pt")
-    done = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    done = run_torchrun(*args, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming {run_dir} after epoch 1" in done.stdout
     history = pd.read_csv(run_dir / "history.csv")
