@@ -21,6 +21,7 @@ MINIMUM: dict[tuple[str, ...], tuple[str, str]] = {
     ("segmentation-models-pytorch",): ("0.5", "Hugging Face weights, timm- to tu- mapping"),
     ("timm",): ("1.0", ""),
     ("albumentations",): ("2.0", "fill/fill_mask, Compose.set_random_seed"),
+    ("pydantic",): ("2.9", "v2 models: the run config"),
     ("numpy",): ("1.24", ""),
     ("pandas",): ("2.0", ""),
     (

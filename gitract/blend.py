@@ -22,7 +22,6 @@ An ensemble file (YAML, or JSON) names the members and where the blend's own fil
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -249,7 +248,7 @@ class Member3D:
                 raise CheckpointError(f"checkpoint {path}: needs 'config' and 'model' entries")
             try:
                 cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path} config")
-                model = build_model3d(dataclasses.replace(cfg.model), classes=3)
+                model = build_model3d(cfg.model, classes=3)
             except ConfigError as err:
                 raise CheckpointError(f"checkpoint {path}: {err}") from None
             try:
@@ -271,9 +270,8 @@ class Member3D:
                 )
         cfg = configs[0]
         if tta_flips is not None:
-            cfg = dataclasses.replace(
-                cfg, infer=dataclasses.replace(cfg.infer, tta_flips=list(tta_flips))
-            )
+            infer = cfg.infer.model_copy(update={"tta_flips": list(tta_flips)})
+            cfg = cfg.model_copy(update={"infer": infer})
         amp = device.type == "cuda" and cfg.train.amp
         return cls(name, models, cfg, device, weight, amp)
 

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -504,7 +504,7 @@ def _fit(
     if ckpt is not None:
         check_resumable(ckpt["config"], cfg, last_path)
     # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
-    model_cfg = replace(cfg.model, encoder_weights=None) if ckpt else cfg.model
+    model_cfg = cfg.model.model_copy(update={"encoder_weights": None}) if ckpt else cfg.model
     if cfg.model.kind == "3d":
         check_patch_size(cfg.model, cfg.data.patch_size)
         model = build_model3d(cfg.model, classes=len(CLASSES))

@@ -23,7 +23,6 @@ device at hand and scales it to the hidden test: folds x views x slices forward 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -493,7 +492,7 @@ def estimate_runtime(
         n_folds = folds or len(paths)
     elif config is not None:
         cfg = load_config(config)
-        model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
+        model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
         model = build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
         n_folds = folds or 5
     else:
@@ -637,7 +636,7 @@ def estimate_blend(
             passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
             shape, name = (1, 1, *patch), f"{cfg.model.arch} {cfg.model.init_filters} filters"
         else:
-            model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
+            model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
             model = build_model(model_cfg, in_channels=cfg.data.in_channels)
             shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
             passes, name = slices, f"{cfg.model.arch}/{cfg.model.encoder_name}"

@@ -13,7 +13,6 @@ config inside is enough to rebuild the network (the nanoGPT way).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import os
 import pickle
@@ -584,7 +583,7 @@ def load_model_from_checkpoint(
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{where}: 'model' is not a state dict")
     classes = len(ckpt["classes"]) if isinstance(ckpt.get("classes"), (list, tuple)) else 3
-    model_cfg = dataclasses.replace(cfg.model, encoder_weights=None)
+    model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
     try:
         model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=classes)
     except ConfigError as e:

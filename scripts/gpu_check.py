@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +141,9 @@ def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     from gitract.data import CLASSES
     from gitract.model import build_model
 
-    model_cfg = replace(cfg.model, encoder_weights=None)  # random init: speed is the same
+    model_cfg = cfg.model.model_copy(
+        update={"encoder_weights": None}
+    )  # random init: speed is the same
     model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
     model = model.to(device)
     if _uses_channels_last(cfg, device):
@@ -433,7 +434,7 @@ def run_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Every measurement of the check on ``device``; the report as a JSON-ready dict."""
     cfg = load_config(args.config)
     if args.img_size:
-        cfg = replace(cfg, data=replace(cfg.data, img_size=list(args.img_size)))
+        cfg.data.img_size = list(args.img_size)
     ddp = device.type == "cuda" if args.ddp is None else args.ddp
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -217,7 +216,7 @@ def test_from_dict_validates_like_a_file():
 
 
 def test_save_load_round_trip(tmp_path):
-    cfg = dataclasses.replace(load_config(DEFAULT, ["train.epochs=4", "infer.out=sub.csv"]))
+    cfg = load_config(DEFAULT, ["train.epochs=4", "infer.out=sub.csv"]).model_copy()
     path = tmp_path / "run" / "config.yaml"
     save_config(cfg, path)
     assert load_config(path) == cfg  # the saved name wins over the file stem "config"
@@ -246,3 +245,19 @@ def test_new_training_keys_are_checked(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(DEFAULT, [override])
     assert message in str(err.value)
+
+
+def test_configs_saved_before_pydantic_still_load(tmp_path):
+    # Written by the dataclass version (commit 413bf7c) with save_config: run folders and
+    # checkpoints of older runs hold exactly this.
+    old = ROOT / "tests" / "fixtures" / "config_written_by_v0.1.yaml"
+    cfg = load_config(old)
+    assert cfg.name == "demo_cpu" and cfg.train.ema_decay == 0.99
+    assert cfg.postprocess.thresholds == [0.4, 0.5, 0.6]
+    assert config_to_dict(cfg) == yaml.safe_load(old.read_text())
+    assert config_from_dict(yaml.safe_load(old.read_text()), source="ckpt") == cfg
+
+
+def test_empty_sections_keep_their_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  # epochs: 3\ninfer:\n"))
+    assert cfg.train == Config().train and cfg.infer == Config().infer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import urllib.error
@@ -50,7 +49,11 @@ def test_demo_cpu_model_builds_and_runs():
 
 
 def test_other_arch_and_in_channels():
-    net = build_model(ModelConfig("FPN", "resnet18", None), in_channels=5, classes=2).eval()
+    net = build_model(
+        ModelConfig(arch="FPN", encoder_name="resnet18", encoder_weights=None),
+        in_channels=5,
+        classes=2,
+    ).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 5, 64, 64)).shape == (1, 2, 64, 64)
 
@@ -58,15 +61,24 @@ def test_other_arch_and_in_channels():
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        (ModelConfig("Unte", "resnet18", None), "model.arch: unknown architecture 'Unte' (did you"),
-        (ModelConfig("Unet", "resnet19", None), "model.encoder_name: unknown encoder 'resnet19'"),
-        (ModelConfig("Unet", "tu-nosuchnet", None), "model.encoder_name: timm has no model"),
         (
-            ModelConfig("Unet", "tu-efficientnet_b7", "imagenet"),
+            ModelConfig(arch="Unte", encoder_name="resnet18", encoder_weights=None),
+            "model.arch: unknown architecture 'Unte' (did you",
+        ),
+        (
+            ModelConfig(arch="Unet", encoder_name="resnet19", encoder_weights=None),
+            "model.encoder_name: unknown encoder 'resnet19'",
+        ),
+        (
+            ModelConfig(arch="Unet", encoder_name="tu-nosuchnet", encoder_weights=None),
+            "model.encoder_name: timm has no model",
+        ),
+        (
+            ModelConfig(arch="Unet", encoder_name="tu-efficientnet_b7", encoder_weights="imagenet"),
             "model.encoder_weights: timm has no pretrained weights for 'efficientnet_b7'",
         ),
         (
-            ModelConfig("Unet", "resnet18", "imagenet22k"),
+            ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights="imagenet22k"),
             "model.encoder_weights: unknown weights 'imagenet22k' for encoder 'resnet18'",
         ),
     ],
@@ -103,7 +115,10 @@ def test_unreachable_hub_switches_to_offline_mode_and_back(monkeypatch):
     with pytest.raises(
         ConfigError, match="cannot fetch 'imagenet' weights for encoder 'tu-resnet18'"
     ):
-        build_model(ModelConfig("Unet", "tu-resnet18", "imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name="tu-resnet18", encoder_weights="imagenet"),
+            in_channels=3,
+        )
     assert time.perf_counter() - start < 20
     assert constants.HF_HUB_OFFLINE is False
 
@@ -124,7 +139,10 @@ def test_download_error_becomes_config_error(monkeypatch):
 
     _hub_returns(monkeypatch, no_network)
     with pytest.raises(ConfigError) as e:
-        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights="imagenet"),
+            in_channels=3,
+        )
     msg = str(e.value)
     assert msg.startswith("model.encoder_weights: cannot fetch 'imagenet' weights for encoder")
     assert "(no internet? URLError: <urlopen error [Errno -2] Name or service" in msg
@@ -137,7 +155,10 @@ def test_unwritable_cache_is_a_failed_download_but_not_no_internet(monkeypatch):
 
     _hub_returns(monkeypatch, read_only)
     with pytest.raises(ConfigError) as e:
-        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights="imagenet"),
+            in_channels=3,
+        )
     assert (
         "cannot fetch 'imagenet' weights for encoder 'resnet18' (PermissionError: [Errno 13]"
         in str(e.value)
@@ -162,7 +183,7 @@ def test_corrupt_cached_weights_are_named_not_blamed_on_the_network(
     _hub_returns(monkeypatch, lambda *args, **kwargs: str(corrupt))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(corrupt))
     with pytest.raises(ConfigError) as e:
-        build_model(ModelConfig("Unet", encoder, "imagenet"), in_channels=3)
+        build_model(ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights="imagenet"), in_channels=3)
     msg = str(e.value)
     assert msg.startswith(
         f"model.encoder_weights: 'imagenet' weights for encoder '{encoder}': "
@@ -175,12 +196,17 @@ def test_corrupt_cached_weights_are_named_not_blamed_on_the_network(
 def test_weights_that_do_not_fit_the_encoder_say_so(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    other = build_model(ModelConfig("Unet", "resnet34", None), in_channels=3).encoder
+    other = build_model(
+        ModelConfig(arch="Unet", encoder_name="resnet34", encoder_weights=None), in_channels=3
+    ).encoder
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     _hub_returns(monkeypatch, lambda *args, **kwargs: str(path))
     with pytest.raises(ConfigError) as e:
-        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights="imagenet"),
+            in_channels=3,
+        )
     msg = str(e.value)
     assert msg.startswith(
         "model.encoder_weights: 'imagenet' weights for encoder 'resnet18' do not fit the encoder "
@@ -198,7 +224,10 @@ def test_other_errors_while_building_are_not_disguised(monkeypatch):
     monkeypatch.setattr(smp, "create_model", broken)
     monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        build_model(ModelConfig("Unet", "resnet18", "imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights="imagenet"),
+            in_channels=3,
+        )
 
 
 # --------------------------------------------------------------- modules the forward never calls
@@ -212,7 +241,7 @@ FAMILIES = ["efficientnet-b0", "tu-mobilenetv3_small_100", "timm-efficientnet-b0
 @pytest.mark.parametrize("encoder", FAMILIES)
 def test_every_parameter_gets_a_gradient(encoder):
     torch.manual_seed(0)
-    net = build_model(ModelConfig("Unet", encoder, None), in_channels=3).train()
+    net = build_model(ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights=None), in_channels=3).train()
     net(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
     without = [name for name, p in net.named_parameters() if p.grad is None]
     assert without == []
@@ -247,7 +276,7 @@ def test_efficientnet_head_is_dropped_and_old_checkpoints_still_load(tmp_path):
     # So does an encoder file that still holds them (smp-hub's model.safetensors does).
     enc_path = tmp_path / "encoder.pth"
     torch.save(old.encoder.state_dict(), enc_path)
-    local = build_model(dataclasses.replace(cfg.model, encoder_weights=str(enc_path)), 3)
+    local = build_model(cfg.model.model_copy(update={"encoder_weights": str(enc_path)}), 3)
     assert torch.equal(local.encoder._conv_stem.weight, old.encoder._conv_stem.weight)
 
 
@@ -255,7 +284,10 @@ def test_dropping_leaves_no_trace_on_statistics_or_random_numbers():
     torch.manual_seed(5)
     reference = torch.rand(3)
     torch.manual_seed(5)
-    net = build_model(ModelConfig("Unet", "efficientnet-b0", None), in_channels=3)
+    net = build_model(
+        ModelConfig(arch="Unet", encoder_name="efficientnet-b0", encoder_weights=None),
+        in_channels=3,
+    )
     after = torch.rand(3)
     torch.manual_seed(5)
     import segmentation_models_pytorch as smp
@@ -282,7 +314,7 @@ def test_local_encoder_weights_are_loaded(tmp_path, suffix):
     else:
         torch.save(state, path)
     torch.manual_seed(2)
-    net = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=3)
+    net = build_model(SMALL.model_copy(update={"encoder_weights": str(path)}), in_channels=3)
     assert torch.equal(net.encoder.conv1.weight, source.encoder.conv1.weight)
     assert torch.equal(
         net.encoder.layer4[1].bn2.running_var, source.encoder.layer4[1].bn2.running_var
@@ -293,18 +325,20 @@ def test_local_rgb_weights_are_adapted_to_more_slices(tmp_path):
     source = build_model(SMALL, in_channels=3)
     path = tmp_path / "enc.pth"
     torch.save(source.encoder.state_dict(), path)
-    net = build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=5)
+    net = build_model(SMALL.model_copy(update={"encoder_weights": str(path)}), in_channels=5)
     w3, w5 = source.encoder.conv1.weight, net.encoder.conv1.weight
     assert w5.shape[1] == 5
     assert torch.allclose(w5[:, 3], w3[:, 0] * 3 / 5)  # smp's rule: cycle RGB, rescale
 
 
 def test_local_weights_errors_name_the_file(tmp_path):
-    other = build_model(ModelConfig("Unet", "mobilenet_v2", None), in_channels=3)
+    other = build_model(
+        ModelConfig(arch="Unet", encoder_name="mobilenet_v2", encoder_weights=None), in_channels=3
+    )
     path = tmp_path / "mobilenet.pth"
     torch.save(other.encoder.state_dict(), path)
     with pytest.raises(ConfigError) as e:
-        build_model(dataclasses.replace(SMALL, encoder_weights=str(path)), in_channels=3)
+        build_model(SMALL.model_copy(update={"encoder_weights": str(path)}), in_channels=3)
     assert str(e.value).startswith(
         f"model.encoder_weights {path}: does not fit encoder 'resnet18': "
     )
@@ -312,14 +346,14 @@ def test_local_weights_errors_name_the_file(tmp_path):
 
     missing = tmp_path / "nope.pth"
     with pytest.raises(ConfigError, match=f"model.encoder_weights {missing}: file not found"):
-        build_model(dataclasses.replace(SMALL, encoder_weights=str(missing)), in_channels=3)
+        build_model(SMALL.model_copy(update={"encoder_weights": str(missing)}), in_channels=3)
 
     evil = tmp_path / "evil.pth"
     torch.save({"x": os.system}, evil)
     with pytest.raises(
         ConfigError, match=r"evil\.pth: refused: it holds pickled objects \(\w+\.system\)"
     ):
-        build_model(dataclasses.replace(SMALL, encoder_weights=str(evil)), in_channels=3)
+        build_model(SMALL.model_copy(update={"encoder_weights": str(evil)}), in_channels=3)
 
 
 def _checkpoint(tmp_path: Path, cfg: Config, net: torch.nn.Module) -> Path:
@@ -344,7 +378,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_checkpoint_never_downloads(tmp_path, offline):
     """The config inside says imagenet, but a checkpoint has every weight: build with None."""
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["model.encoder_weights=imagenet"])
-    net = build_model(dataclasses.replace(cfg.model, encoder_weights=None), in_channels=3)
+    net = build_model(cfg.model.model_copy(update={"encoder_weights": None}), in_channels=3)
     model, _ = load_model_from_checkpoint(load_checkpoint(_checkpoint(tmp_path, cfg, net)))
     for mine, theirs in zip(model.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs)

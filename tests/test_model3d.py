@@ -3,7 +3,6 @@ sliding-window prediction with flip TTA back at the native slice size, and that 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -104,7 +103,7 @@ def test_load_volume_resamples_image_and_mask_to_the_grid(tiny_volumes) -> None:
 
 
 def _data_cfg(**kw) -> DataConfig:
-    return dataclasses.replace(DataConfig(), **kw)
+    return DataConfig().model_copy(update=kw)
 
 
 def test_patch_dataset_items_pad_and_stay_aligned(tiny_volumes) -> None:
@@ -193,7 +192,7 @@ def test_predict_volume3d_flip_views_are_flipped_back() -> None:
         return (out.flip(flip) if flip else out)[0].permute(1, 0, 2, 3)  # (D, 3, H, W)
 
     def predict(flips: list[str]) -> np.ndarray:
-        infer = dataclasses.replace(InferConfig(), tta_flips=flips)
+        infer = InferConfig().model_copy(update={"tta_flips": flips})
         return predict_volume3d([model], image.numpy(), (16, 24), data, infer, CPU)
 
     with torch.no_grad():
@@ -222,7 +221,7 @@ def test_predict_volume3d_native_size_windows_and_ensemble_mean() -> None:
     image = np.zeros((depth, *grid), dtype=np.float32)
     image[:, :16, :8] = 1.0  # top-left: rows 0-15 of 32, columns 0-7 of 32
     data = _data_cfg(grid_hw=list(grid), patch_size=[8, 16, 16])  # several overlapping windows
-    infer = dataclasses.replace(InferConfig(), tta_flips=["hflip"], sw_overlap=0.5)
+    infer = InferConfig().model_copy(update={"tta_flips": ["hflip"], "sw_overlap": 0.5})
     out = predict_volume3d([_Bright()], image, (310, 360), data, infer, CPU)
     assert out.shape == (depth, 3, 310, 360) and out.dtype == np.float32
     on = out[:, 0] > 0.5
