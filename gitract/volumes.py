@@ -1,12 +1,12 @@
-"""A per-case-day cache of slices as raw uint16 volumes on disk, built once.
+"""A per-case-day cache of slices as ``.npy`` volumes on disk, built once.
 
 A 2.5D sample needs three (or more) slices of one case-day. Decoding three PNGs per sample is
 what makes naive loaders slow, and holding every volume in RAM does not scale to the 38k real
-slices. So each case-day is decoded once into a raw file ``<case_day>-<key>.u16`` (D x H x W,
-C order) next to a bit-packed mask file and a small JSON with its intensity percentiles, and a
-sample reads just its slices with positioned reads: memory stays flat whatever the data size.
-The key hashes the source files' paths, sizes and modification times (and the RLE strings), so
-changed data gets a fresh cache entry instead of a stale one.
+slices. So each case-day is decoded once into ``<case_day>-<key>.npy`` (uint16, D x H x W), a
+``.mask.npy`` beside it (uint8, one byte of class flags per pixel: bit c is class c) and a small
+JSON with its intensity window; a sample memory-maps the files and copies out just its slices,
+so memory stays flat whatever the data size. The key hashes the source files' paths, sizes and
+modification times (and the RLE strings), so changed data gets a fresh entry, not a stale one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from gitract.atomic import atomic_path
+from gitract.atomic import atomic_path, write_text_atomic
 from gitract.data import CLASSES, read_slice, slice_mask
 from gitract.errors import DataError, RLEError
 from gitract.rle import rle_decode_many
@@ -36,6 +36,8 @@ _UNPACK = ((np.arange(8, dtype=np.uint8)[:, None] >> np.arange(3, dtype=np.uint8
 )
 # Robust intensity window per case-day: the 16-bit MRI range differs between scanners and days.
 PERCENTILES = (0.5, 99.5)
+# Part of every entry's key: entries of an older layout (raw .u16 files) are simply not found.
+_FORMAT = "npy-1"
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +51,8 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class VolumeInfo:
-    """One cached case-day: where its files are and how to normalise its intensities."""
+    """One cached case-day: its shape, intensity window (lo, hi) and files. An offset is where
+    the array's bytes start in its ``.npy`` file, read from the file's header on opening."""
 
     case_day: str
     depth: int
@@ -58,11 +61,27 @@ class VolumeInfo:
     lo: float
     hi: float
     image_file: str
+    image_offset: int
     mask_file: str | None
+    mask_offset: int
+
+    def plane(self, z: int, mask: bool = False) -> np.ndarray:
+        """Slice ``z`` as stored: (H, W) uint16 intensities, or with ``mask`` the uint8 class
+        flags. One positioned read: per sample several times faster than mapping the file anew,
+        and nothing stays mapped (a map kept open would count every page a DataLoader worker
+        ever read in its resident memory)."""
+        path, offset, dtype = (
+            (self.mask_file, self.mask_offset, np.uint8)
+            if mask
+            else (self.image_file, self.image_offset, np.uint16)
+        )
+        count = self.height * self.width
+        at = offset + z * count * np.dtype(dtype).itemsize
+        return np.fromfile(path, dtype, count, offset=at).reshape(self.height, self.width)
 
 
 def _cache_key(group: pd.DataFrame, with_masks: bool) -> str:
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(_FORMAT.encode())
     for path in group["path"]:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -72,9 +91,9 @@ def _cache_key(group: pd.DataFrame, with_masks: bool) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)  # a file object: np.save would append ".npy" to a temp name
 
 
 class VolumeCache:
@@ -109,13 +128,23 @@ class VolumeCache:
         key = _cache_key(group, self.with_masks)
         stem = self.cache_dir / f"{case_day}-{key}"
         meta_path = stem.with_suffix(".json")
-        if meta_path.exists():
-            fields = json.loads(meta_path.read_text())
-            # Paths are re-derived, so a cache folder that was moved or mounted elsewhere works.
-            fields["image_file"] = str(stem.with_suffix(".u16"))
-            if fields["mask_file"]:
-                fields["mask_file"] = str(stem.with_suffix(".mask.u8"))
-            return VolumeInfo(**fields)
+        if not meta_path.exists():
+            self._build(case_day, group, stem)
+        meta = json.loads(meta_path.read_text())
+        # Paths are derived, so a cache folder that was moved or mounted elsewhere works.
+        image_file, mask_file = stem.with_suffix(".npy"), stem.with_suffix(".mask.npy")
+        masks = meta.pop("masks")
+        return VolumeInfo(
+            case_day=case_day,
+            **meta,
+            image_file=str(image_file),
+            image_offset=np.load(image_file, mmap_mode="r").offset,
+            mask_file=str(mask_file) if masks else None,
+            mask_offset=np.load(mask_file, mmap_mode="r").offset if masks else 0,
+        )
+
+    def _build(self, case_day: str, group: pd.DataFrame, stem: Path) -> None:
+        """Decode the case-day's PNGs and RLEs once into ``stem``'s .npy files and JSON."""
         shapes = set(zip(group["height"], group["width"], strict=True))
         if len(shapes) != 1:
             raise DataError(f"{case_day}: slices of different sizes {sorted(shapes)}")
@@ -137,45 +166,32 @@ class VolumeCache:
                         slice_mask(row)
                     raise
         lo, hi = np.percentile(volume[:, ::2, ::2], PERCENTILES)
-        image_file = stem.with_suffix(".u16")
-        _atomic_write_bytes(image_file, volume.astype("<u2").tobytes())
-        mask_file = None
+        _save(stem.with_suffix(".npy"), volume.astype(np.uint16))
         if packed is not None:
-            mask_file = stem.with_suffix(".mask.u8")
-            _atomic_write_bytes(mask_file, packed.tobytes())
-        info = VolumeInfo(
-            case_day=case_day,
-            depth=len(rows),
-            height=int(height),
-            width=int(width),
-            lo=float(lo),
-            hi=float(max(hi, lo + 1.0)),
-            image_file=str(image_file),
-            mask_file=str(mask_file) if mask_file else None,
-        )
+            _save(stem.with_suffix(".mask.npy"), packed)
+        meta = {
+            "depth": len(rows),
+            "height": int(height),
+            "width": int(width),
+            "lo": float(lo),
+            "hi": float(max(hi, lo + 1.0)),
+            "masks": packed is not None,
+        }
         # The JSON goes last: its presence is what marks the entry complete.
-        _atomic_write_bytes(meta_path, json.dumps(info.__dict__).encode())
-        return info
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(meta))
 
     def locate(self, slice_id: str) -> tuple[VolumeInfo, int]:
         """The volume holding ``slice_id`` and the slice's position in it."""
         case_day, z = self.position[slice_id]
         return self.volumes[case_day], z
 
-    @staticmethod
-    def _read_plane(path: str, z: int, plane: int, dtype: str) -> np.ndarray:
-        itemsize = np.dtype(dtype).itemsize
-        return np.fromfile(path, dtype=dtype, count=plane, offset=z * plane * itemsize)
-
     def image_stack(self, slice_id: str, offsets: Sequence[int]) -> np.ndarray:
         """Normalised float32 (H, W, len(offsets)) of the slices at ``z + offset``, clamped to
         the volume's ends (so the first slice's neighbour below is itself)."""
         info, z = self.locate(slice_id)
-        plane = info.height * info.width
         zs = np.clip(np.asarray(offsets) + z, 0, info.depth - 1)
-        planes = [self._read_plane(info.image_file, int(k), plane, "<u2") for k in zs]
-        stack = np.stack(planes, axis=-1).reshape(info.height, info.width, len(zs))
-        scaled = (stack.astype(np.float32) - info.lo) / (info.hi - info.lo)
+        stack = np.stack([info.plane(int(k)) for k in zs], axis=-1).astype(np.float32)
+        scaled = (stack - info.lo) / (info.hi - info.lo)
         return np.clip(scaled, 0.0, 1.0, out=scaled)
 
     def mask(self, slice_id: str) -> np.ndarray:
@@ -183,6 +199,5 @@ class VolumeCache:
         info, z = self.locate(slice_id)
         if info.mask_file is None:
             raise ValueError("this cache was built without masks")
-        plane = info.height * info.width
-        packed = self._read_plane(info.mask_file, z, plane, "u1").reshape(info.height, info.width)
+        packed = info.plane(z, mask=True)
         return np.take(_UNPACK, packed, axis=0)  # a table look-up: ~6x faster than bit shifts
