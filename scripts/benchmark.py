@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from naive_baselines import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode  # scripts/
 
 from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
@@ -52,7 +53,6 @@ from gitract.data import load_train_table, scan_images
 from gitract.dataset import SliceDataset, build_train_transform
 from gitract.inference import Ensemble, find_checkpoints, infer_test
 from gitract.metrics import hausdorff_3d
-from gitract.naive import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode
 from gitract.rle import rle_decode, rle_decode_many, rle_encode
 from gitract.synthetic import generate
 from gitract.volumes import VolumeCache
