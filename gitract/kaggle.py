@@ -108,7 +108,8 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """pip's last non-empty output line: where it states the error."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no output"
 
@@ -128,7 +129,7 @@ def fetch_wheel(name: str, version: str, cache_dir: Path) -> Path:
     if result.returncode != 0 or not found:
         raise GitractError(
             f"could not download the wheel of {name}=={version} "
-            f"({_first_line(result.stderr or result.stdout)}); put it in {cache_dir} by hand"
+            f"({_last_line(result.stderr or result.stdout)}); put it in {cache_dir} by hand"
         )
     return found[0]
 
@@ -170,7 +171,7 @@ def build_gitract_wheel(source: Path, out_dir: Path) -> Path:
         if result.returncode != 0 or not wheels:
             raise GitractError(
                 f"could not build the gitract wheel from {source} "
-                f"({_first_line(result.stderr or result.stdout)})"
+                f"({_last_line(result.stderr or result.stdout)})"
             )
         target = out_dir / wheels[0].name
         shutil.copy2(wheels[0], target)
