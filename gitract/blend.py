@@ -89,7 +89,7 @@ def _check_weight(value: object, where: str) -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: weight must be a number > 0, got {value!r}") from None
     if not math.isfinite(weight) or weight <= 0:
-        raise ConfigError(f"{where}: weight must be a number > 0, got {value!r}")
+        raise ConfigError(f"{where}: weight must be a number > 0, got {weight:g}")
     return weight
 
 

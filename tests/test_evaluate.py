@@ -292,6 +292,9 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     assert small["baseline_score"] == baseline
     with pytest.raises(ConfigError, match=r"threshold: threshold must be in \(0, 1\)"):
         tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\), got 1.5$") as bad:
+        tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": np.array([0.5, 1.5])})
+    assert "np." not in str(bad.value)
     with pytest.raises(ConfigError, match="unknown metric profile 'kagle'"):
         tune_postprocess(tmp_path / "oof_probs", table, "kagle")
 
