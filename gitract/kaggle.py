@@ -23,10 +23,13 @@ device at hand and scales it to the hidden test: folds x views x slices forward 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -37,7 +40,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitract.config import Config, load_config
 from gitract.errors import CheckpointError, GitractError
+
+# torch and the gitract modules that import it (inference, blend, model, model3d) are imported
+# inside the functions that use them: the module loads, and bad input fails, without torch.
 
 __all__ = [
     "BUNDLED_WHEELS",
@@ -136,8 +143,6 @@ def fetch_wheel(name: str, version: str, cache_dir: Path) -> Path:
 
 def _matches(filename: str, pattern: str) -> bool:
     """Glob match on the normalised wheel file name (``timm-1.0.31-py3-none-any.whl``)."""
-    import fnmatch
-
     head, _, rest = filename.partition("-")
     return fnmatch.fnmatch(f"{_normalise(head)}-{rest}", pattern)
 
@@ -194,7 +199,7 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
             f"{runs}: no <fold>/best.pt inside; point --runs at runs/<config name> "
             "after training (python scripts/train.py --fold 0)"
         )
-    from gitract.inference import POSTPROCESS_FILE  # torch: only once there is work to do
+    from gitract.inference import POSTPROCESS_FILE
 
     dest.mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
@@ -207,17 +212,12 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
     return [p.name for p in fold_dirs]
 
 
-def run_config(runs: Path):  # -> gitract.config.Config (lazy import: torch-free module top)
-    """The resolved config of a runs folder: its first fold's ``config.yaml``, else the config
-    stored in that fold's checkpoint."""
-    from gitract.config import config_from_dict, load_config
+def run_config(runs: Path) -> Config:
+    """The resolved config of a runs folder: that of its first fold (``run_config_of``)."""
+    from gitract.blend import run_config_of
     from gitract.inference import find_checkpoints
-    from gitract.model import load_checkpoint
 
-    first = find_checkpoints(runs)[0]
-    if (first.parent / "config.yaml").is_file():
-        return load_config(first.parent / "config.yaml")
-    return config_from_dict(load_checkpoint(first)["config"], source=f"checkpoint {first}")
+    return run_config_of(find_checkpoints(runs)[0])
 
 
 # --------------------------------------------------------------------------- metadata
@@ -481,7 +481,6 @@ def estimate_runtime(
     is the config's ``infer.batch_size`` on a GPU, 2 on a CPU (a B7 batch of 32 takes minutes)."""
     import torch
 
-    from gitract.config import load_config
     from gitract.inference import Ensemble, find_checkpoints
     from gitract.model import build_model, load_checkpoint, load_model_from_checkpoint
 
@@ -593,8 +592,6 @@ def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap
 def count_flops(model, input_shape: tuple[int, ...]) -> float:
     """FLOPs of one forward pass at ``input_shape`` (``torch.utils.flop_counter``), counted on
     the meta device: shapes only, no arithmetic, so a B7 or a 3D SegResNet takes seconds."""
-    import copy
-
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -614,8 +611,6 @@ def estimate_blend(
     case-days (3D: each case-day ``slices / case_days`` deep, rounded up) and FLOPs per pass,
     from the config of its first checkpoint (random-init network of that config: no weights
     loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
-    import math
-
     from gitract.blend import run_config_of
     from gitract.inference import find_checkpoints
     from gitract.model import build_model
