@@ -32,11 +32,16 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from torch import nn
 
-from gitract.config import Config
+from gitract.config import Config, config_from_dict, load_config
 from gitract.errors import CheckpointError, ConfigError, DataError
+from gitract.infer3d import predict_volume3d
 from gitract.inference import Ensemble, find_checkpoints, predict_slices
+from gitract.model import load_checkpoint
+from gitract.model3d import build_model3d
+from gitract.volume3d import load_volume
 from gitract.volumes import VolumeCache
 
 __all__ = [
@@ -88,7 +93,7 @@ def _check_weight(value: object, where: str) -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: weight must be a number > 0, got {value!r}") from None
     if not math.isfinite(weight) or weight <= 0:
-        raise ConfigError(f"{where}: weight must be a number > 0, got {value!r}")
+        raise ConfigError(f"{where}: weight must be a number > 0, got {weight:g}")
     return weight
 
 
@@ -127,8 +132,6 @@ def blend_spec(
 def read_ensemble(path: str | Path, base: str | Path | None = None) -> BlendSpec:
     """An ensemble file (see the module docstring); run paths relative to ``base`` (default:
     the current folder). Errors name the file and the entry."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: ensemble file not found")
@@ -164,9 +167,6 @@ def read_ensemble(path: str | Path, base: str | Path | None = None) -> BlendSpec
 def run_config_of(checkpoint: Path) -> Config:
     """The config of one fold: its ``config.yaml`` beside ``best.pt`` (cheap), else the one
     stored in the checkpoint."""
-    from gitract.config import config_from_dict, load_config
-    from gitract.model import load_checkpoint
-
     if (checkpoint.parent / "config.yaml").is_file():
         return load_config(checkpoint.parent / "config.yaml")
     return config_from_dict(
@@ -237,10 +237,6 @@ class Member3D:
     ) -> Member3D:
         """Rebuild each fold with ``build_model3d`` from its own checkpoint's config and load
         its weights strictly; all folds must share the input settings (grid, patch size)."""
-        from gitract.config import config_from_dict
-        from gitract.model import load_checkpoint
-        from gitract.model3d import build_model3d
-
         models, configs = [], []
         for path in paths:
             ckpt = load_checkpoint(path)
@@ -278,9 +274,6 @@ class Member3D:
     def days(
         self, table: pd.DataFrame, cache: VolumeCache, progress: bool = True
     ) -> Iterator[DayPrediction]:
-        from gitract.infer3d import predict_volume3d
-        from gitract.volume3d import load_volume
-
         grid = (int(self.config.data.grid_hw[0]), int(self.config.data.grid_hw[1]))
         for case_day, rows in itertools.groupby(
             table[["id", "case_day", "height", "width"]].itertuples(index=False),

@@ -5,7 +5,7 @@ so this module is where a bad Kaggle download is caught: each problem raises a o
 :class:`~gitract.errors.DataError` naming the file, row or id, instead of a numpy traceback an
 hour into training.
 
-Two facts of the data shape the code (see ``design.md``): image file names carry the size
+Two facts of the data shape the code: image file names carry the size
 WIDTH first (``slice_0001_360_310_1.50_1.50.png`` is an array of shape (310, 360)), and the
 images are 16-bit grayscale PNGs that must be read with ``cv2.IMREAD_UNCHANGED``.
 """

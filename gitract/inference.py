@@ -63,9 +63,10 @@ INPUT_KEYS = ("n_slices", "slice_stride", "img_size", "resize_mode", "z_channel"
 # TTA views: the tensor dimensions each flip reverses (on (N, C, H, W)).
 FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,)}
 
-# gitract.model (smp, timm, torchvision) and gitract.dataset (albumentations) are imported
-# where they are used: the empty public re-run and bad-input errors then answer in the time
-# torch alone takes to import, without the ~3 s of the model stack.
+# gitract.model (smp, timm, torchvision), gitract.dataset (albumentations) and gitract.blend
+# (which imports this module, and gitract.model) are imported where they are used: the empty
+# public re-run and bad-input errors then answer in the time torch alone takes to import,
+# without the ~3 s of the model stack.
 
 
 def default_output_path(kaggle_root: Path = KAGGLE_WORKING) -> Path:
@@ -387,14 +388,14 @@ def infer_test(
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
     header-only submission at once, without loading any model."""
-    from gitract.blend import BlendSpec, blend_days, load_member
-
     out = Path(out) if out is not None else default_output_path()
     sample_path = data_dir / "sample_submission.csv"
     sample = read_sample_submission(sample_path)
     if sample.empty:
         write_submission(sample, {}, out)
         return out
+    from gitract.blend import BlendSpec, MemberSpec, blend_days, load_member  # see the top
+
     images = scan_images(data_dir / "test")
     wanted = sample["id"].drop_duplicates()
     missing = wanted[~wanted.isin(images["id"])]
@@ -413,7 +414,7 @@ def infer_test(
         ]
         folder = runs.dir
     else:
-        single = _single_member(Path(runs))
+        single = MemberSpec(Path(runs), 1.0)
         members = [
             load_member(single, device, folds, infer.tta_flips, infer.batch_size, num_workers)
         ]
@@ -428,12 +429,6 @@ def infer_test(
         predictions.update(encode_volume(day.ids, quantize(day.probs), params, presence))
     write_submission(sample, predictions, out)
     return out
-
-
-def _single_member(runs: Path):  # -> gitract.blend.MemberSpec
-    from gitract.blend import MemberSpec
-
-    return MemberSpec(runs, 1.0)
 
 
 def _save_volume_probs(
@@ -469,7 +464,7 @@ def infer_oof(
     Writes an ``id,class,predicted`` CSV (default ``<folder>/oof.csv``) and each case-day's
     probabilities under ``<folder>/oof_probs/``, which ``evaluate.py --tune`` searches;
     ``<folder>`` is the runs folder, or the blend's folder."""
-    from gitract.blend import BlendSpec, blend_days, load_member
+    from gitract.blend import BlendSpec, MemberSpec, blend_days, load_member  # see the top
     from gitract.folds import load_folds  # sklearn: imported only when OOF needs it
 
     table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
@@ -481,7 +476,7 @@ def infer_oof(
     if isinstance(runs, BlendSpec):
         specs, folder, own = list(runs.members), runs.dir, True
     else:
-        specs, folder, own = [_single_member(Path(runs))], Path(runs), False
+        specs, folder, own = [MemberSpec(Path(runs), 1.0)], Path(runs), False
     for spec in specs:  # every checkpoint there, before any work
         for fold in folds:
             find_checkpoints(spec.run, [fold])

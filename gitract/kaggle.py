@@ -23,9 +23,12 @@ device at hand and scales it to the hidden test: folds x views x slices forward 
 
 from __future__ import annotations
 
+import copy
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +39,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gitract.config import Config, load_config
 from gitract.errors import CheckpointError, GitractError
+
+# torch and the gitract modules that import it (inference, blend, model, model3d) are imported
+# inside the functions that use them: the module loads, and bad input fails, without torch.
 
 __all__ = [
     "BUNDLED_WHEELS",
@@ -107,7 +114,8 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """pip's last non-empty output line: where it states the error."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else "no output"
 
@@ -127,15 +135,13 @@ def fetch_wheel(name: str, version: str, cache_dir: Path) -> Path:
     if result.returncode != 0 or not found:
         raise GitractError(
             f"could not download the wheel of {name}=={version} "
-            f"({_first_line(result.stderr or result.stdout)}); put it in {cache_dir} by hand"
+            f"({_last_line(result.stderr or result.stdout)}); put it in {cache_dir} by hand"
         )
     return found[0]
 
 
 def _matches(filename: str, pattern: str) -> bool:
     """Glob match on the normalised wheel file name (``timm-1.0.31-py3-none-any.whl``)."""
-    import fnmatch
-
     head, _, rest = filename.partition("-")
     return fnmatch.fnmatch(f"{_normalise(head)}-{rest}", pattern)
 
@@ -169,7 +175,7 @@ def build_gitract_wheel(source: Path, out_dir: Path) -> Path:
         if result.returncode != 0 or not wheels:
             raise GitractError(
                 f"could not build the gitract wheel from {source} "
-                f"({_first_line(result.stderr or result.stdout)})"
+                f"({_last_line(result.stderr or result.stdout)})"
             )
         target = out_dir / wheels[0].name
         shutil.copy2(wheels[0], target)
@@ -192,7 +198,7 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
             f"{runs}: no <fold>/best.pt inside; point --runs at runs/<config name> "
             "after training (python scripts/train.py --fold 0)"
         )
-    from gitract.inference import POSTPROCESS_FILE  # torch: only once there is work to do
+    from gitract.inference import POSTPROCESS_FILE
 
     dest.mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
@@ -205,17 +211,12 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
     return [p.name for p in fold_dirs]
 
 
-def run_config(runs: Path):  # -> gitract.config.Config (lazy import: torch-free module top)
-    """The resolved config of a runs folder: its first fold's ``config.yaml``, else the config
-    stored in that fold's checkpoint."""
-    from gitract.config import config_from_dict, load_config
+def run_config(runs: Path) -> Config:
+    """The resolved config of a runs folder: that of its first fold (``run_config_of``)."""
+    from gitract.blend import run_config_of
     from gitract.inference import find_checkpoints
-    from gitract.model import load_checkpoint
 
-    first = find_checkpoints(runs)[0]
-    if (first.parent / "config.yaml").is_file():
-        return load_config(first.parent / "config.yaml")
-    return config_from_dict(load_checkpoint(first)["config"], source=f"checkpoint {first}")
+    return run_config_of(find_checkpoints(runs)[0])
 
 
 # --------------------------------------------------------------------------- metadata
@@ -479,7 +480,6 @@ def estimate_runtime(
     is the config's ``infer.batch_size`` on a GPU, 2 on a CPU (a B7 batch of 32 takes minutes)."""
     import torch
 
-    from gitract.config import load_config
     from gitract.inference import Ensemble, find_checkpoints
     from gitract.model import build_model, load_checkpoint, load_model_from_checkpoint
 
@@ -591,8 +591,6 @@ def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap
 def count_flops(model, input_shape: tuple[int, ...]) -> float:
     """FLOPs of one forward pass at ``input_shape`` (``torch.utils.flop_counter``), counted on
     the meta device: shapes only, no arithmetic, so a B7 or a 3D SegResNet takes seconds."""
-    import copy
-
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -612,8 +610,6 @@ def estimate_blend(
     case-days (3D: each case-day ``slices / case_days`` deep, rounded up) and FLOPs per pass,
     from the config of its first checkpoint (random-init network of that config: no weights
     loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
-    import math
-
     from gitract.blend import run_config_of
     from gitract.inference import find_checkpoints
     from gitract.model import build_model

@@ -1,11 +1,11 @@
-"""Metrics: Dice / IoU for training, and the competition score (Dice + 3D Hausdorff) for evaluation.
+"""Metrics: Dice / IoU for training, and the competition score (Dice + 3D Hausdorff).
 
 Training metrics (torch, batched): Dice and IoU per (image, class) on binarised predictions, a
 pair where truth and prediction are both empty scoring 1 as in the competition, then the mean
 over images and classes. :class:`SegMetricAccumulator` keeps sums and a count so that batches
 and ranks add up exactly.
 
-Competition metric (numpy, design.md section 3)::
+Competition metric (numpy; the ``kaggle`` profile, README.md "Metric profiles")::
 
     score = 0.4 * dice + 0.6 * (1 - hausdorff)
 
@@ -56,7 +56,7 @@ __all__ = [
 
 _ID_RE = re.compile(r"^case(\d+)_day(\d+)_slice_(\d{4})$")
 _SQRT3 = math.sqrt(3.0)
-# Metric profiles: "kaggle" is our reading of the documented metric (design.md section 3),
+# Metric profiles: "kaggle" is our reading of the documented metric (the formula above),
 # "mlebench" what openai/mle-bench's grader for this competition computes.
 PROFILES = ("kaggle", "mlebench")
 

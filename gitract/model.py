@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import huggingface_hub
 import segmentation_models_pytorch as smp
+import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors.torch import load_file
 from torch import nn
 
 from gitract.config import Config, ModelConfig, config_from_dict
@@ -69,8 +74,6 @@ def _check_arch(arch: str) -> None:
 def _check_encoder(name: str) -> None:
     """ConfigError naming an encoder that neither smp nor timm (``tu-<timm name>``) knows."""
     if name.startswith("tu-"):
-        import timm
-
         if timm.is_model(name[3:]):
             return
         close = difflib.get_close_matches(name[3:], timm.list_models(), n=1)
@@ -105,8 +108,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     Run in a thread so that a hanging DNS lookup (getaddrinfo ignores socket timeouts) costs at
     most ``timeout`` seconds.
     """
-    from huggingface_hub import constants
-
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or 443
     ok: list[bool] = []
@@ -132,8 +133,6 @@ def _offline_if_unreachable() -> Iterator[None]:
     offline mode it serves weights already in the local cache and fails at once otherwise. Skipped
     behind a proxy, where a direct TCP probe says nothing about reachability.
     """
-    from huggingface_hub import constants
-
     proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
     if constants.HF_HUB_OFFLINE or proxied or _hub_reachable():
         yield
@@ -149,8 +148,6 @@ def _is_network_error(e: BaseException) -> bool:
     """Whether a failed weights download looks like 'no connection' rather than, say, a 404 or
     an unwritable cache: huggingface_hub's offline errors, URLError, connection errors and
     timeouts (requests' own are OSErrors but not the builtin ConnectionError)."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     network: tuple[type[BaseException], ...] = (
         ConnectionError,
         TimeoutError,
@@ -202,13 +199,9 @@ def _weights_error_kind(e: BaseException) -> str | None:
 def _cached_weights_file(encoder: str, weights: str) -> str | None:
     """Where the Hugging Face cache holds the named weights of ``encoder``, if it holds them
     (to name the file a corrupt download left behind); None when not found."""
-    from huggingface_hub import try_to_load_from_cache
-
     candidates: list[tuple[str, str | None, str]] = []
     try:
         if encoder.startswith("tu-"):
-            import timm
-
             cfg = timm.models.get_pretrained_cfg(encoder[3:])
             if cfg is not None and cfg.hf_hub_id:
                 repo = cfg.hf_hub_id
@@ -219,7 +212,7 @@ def _cached_weights_file(encoder: str, weights: str) -> str | None:
                 repo, revision = settings["repo_id"], settings.get("revision")
                 candidates = [(repo, revision, "model.safetensors")]
         for repo, revision, filename in candidates:
-            found = try_to_load_from_cache(repo, filename, revision=revision)
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision)
             if isinstance(found, str):
                 return found
     except Exception:  # best effort: the message is still right without the path
@@ -282,8 +275,6 @@ def _first_line(e: BaseException) -> str:
 def _read_state_dict(path: Path, what: str, error: type[Exception]) -> dict[str, torch.Tensor]:
     """Tensors from a ``.safetensors`` file or a ``torch.save``'d state dict (weights_only)."""
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path), device="cpu")
         except Exception as e:
@@ -526,15 +517,12 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
             f"model.encoder_weights: unknown weights '{weights}' for encoder '{encoder}' "
             f"(smp has: {', '.join(available) or 'none'}; or a local file, or null)"
         )
-    if encoder.startswith("tu-"):
-        import timm
-
-        if not timm.models.is_model_pretrained(encoder[3:]):
-            # timm would only log a warning and silently train from random init.
-            raise ConfigError(
-                f"model.encoder_weights: timm has no pretrained weights for '{encoder[3:]}' "
-                f"(use a name with weights, e.g. tu-tf_efficientnet_b7, or null)"
-            )
+    if encoder.startswith("tu-") and not timm.models.is_model_pretrained(encoder[3:]):
+        # timm would only log a warning and silently train from random init.
+        raise ConfigError(
+            f"model.encoder_weights: timm has no pretrained weights for '{encoder[3:]}' "
+            f"(use a name with weights, e.g. tu-tf_efficientnet_b7, or null)"
+        )
     w: Any = True if timm_universal else weights
     try:
         with _offline_if_unreachable():

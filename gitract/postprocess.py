@@ -56,6 +56,11 @@ _STRUCTURE_3D[1] = True
 _STRUCTURE_3D[0, 1, 1] = _STRUCTURE_3D[2, 1, 1] = True
 
 
+def _shown(value: object) -> str:
+    """repr for an error message, a numpy scalar (a grid from np.linspace) as its plain value."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 @dataclass(frozen=True)
 class ClassPostprocess:
     """One class's post-processing; the defaults switch every step but the threshold off."""
@@ -72,14 +77,14 @@ class ClassPostprocess:
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
+            raise ValueError(f"threshold must be in (0, 1), got {_shown(self.threshold)}")
         for name in ("gate_prob", "gate_cls"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be in [0, 1], got {_shown(getattr(self, name))}")
         for name in ("min_size", "gate_area", "fill_gaps", "min_run", "min_volume"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= 0, got {_shown(value)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +100,7 @@ class ClassPostprocess:
             floats = {"threshold": float, "gate_prob": float, "gate_cls": float}
             kind = {**floats, "keep_largest": bool}.get(name, int)
             if kind is bool and not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {value!r}")
+                raise ValueError(f"{name} must be true or false, got {_shown(value)}")
             kwargs[name] = kind(value)
         return cls(**kwargs)
 

@@ -12,7 +12,7 @@ as in the real data. Intensities are 16-bit like the real MRI (body a few thousa
 Shapes are signed distance fields evaluated on a coarse grid (a third of the resolution) and
 upsampled bilinearly: boundaries come out smooth, and the label masks (field < 0) and the image
 (blended by the same field) agree to the pixel. The layout, the file names (width first), the
-CSV formats and the 1-indexed row-major RLE are the competition's; see ``design.md``.
+CSV formats and the 1-indexed row-major RLE are the competition's (README.md, "The data").
 """
 
 from __future__ import annotations

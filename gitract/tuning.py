@@ -392,7 +392,11 @@ def _check_grid(grid: Mapping[str, Sequence]) -> dict[str, tuple]:
     unknown = sorted(set(grid) - set(STEP_NAMES))
     if unknown:
         raise ConfigError(f"tuning grid: unknown step(s) {unknown}; known: {list(STEP_NAMES)}")
-    out = {name: tuple(values) for name, values in grid.items()}
+    # Plain Python values (a grid may come from np.arange): json.dump cannot write np.int64.
+    out = {
+        name: tuple(v.item() if isinstance(v, np.generic) else v for v in values)
+        for name, values in grid.items()
+    }
     for name, values in out.items():
         if not values:
             raise ConfigError(f"tuning grid: no values for {name}")

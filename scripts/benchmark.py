@@ -44,17 +44,20 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from naive_baselines import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode  # scripts/
 
 from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
 from gitract.config import load_config
-from gitract.data import load_train_table, scan_images
+from gitract.data import CLASSES, load_train_table, scan_images
 from gitract.dataset import SliceDataset, build_train_transform
+from gitract.folds import create_folds_file
 from gitract.inference import Ensemble, find_checkpoints, infer_test
 from gitract.metrics import hausdorff_3d
-from gitract.naive import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode
+from gitract.postprocess import quantize
 from gitract.rle import rle_decode, rle_decode_many, rle_encode
 from gitract.synthetic import generate
+from gitract.tuning import tune_postprocess
 from gitract.volumes import VolumeCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,8 +283,6 @@ def _peak_rss_run(cmd: list[str], env: dict[str, str]) -> tuple[int, float]:
 
 
 def _train_set(work: Path, name: str, cases: int, slices: int) -> tuple[Path, Path, int]:
-    from gitract.folds import create_folds_file
-
     data = work / name
     summary = generate(data, work / f"{name}_labels", cases, slices, seed=5)
     folds_csv = work / f"{name}_folds.csv"
@@ -443,9 +444,6 @@ def _tuning_set(sizes: Sizes, work: Path) -> pd.DataFrame:
     truth, for ``sizes.tuning_days`` case-days of 144 or 80 slices: per class an organ from
     _oof_volumes, probabilities high inside the predicted organ, a faint noise floor, and
     what post-processing is for: weak stray slices and confident specks."""
-    from gitract.data import CLASSES
-    from gitract.postprocess import quantize
-
     folder = work / "oof_probs"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
@@ -483,8 +481,6 @@ def _tuning_set(sizes: Sizes, work: Path) -> pd.DataFrame:
 
 def bench_tuning(sizes: Sizes, work: Path) -> dict[str, Any]:
     """The default post-processing search at the real data's size, every core."""
-    from gitract.tuning import tune_postprocess
-
     table = _tuning_set(sizes, work / "tuning")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     start = time.perf_counter()

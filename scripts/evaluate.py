@@ -24,9 +24,9 @@ from pathlib import Path
 
 from gitract.cli import run_main
 from gitract.data import load_train_table, resolve_data_dir
-from gitract.evaluation import score_profiles
 from gitract.inference import OOF_PROBS_DIR, POSTPROCESS_FILE
 from gitract.metrics import PROFILES
+from gitract.scoring import score_profiles
 from gitract.tuning import (
     DEFAULT_GRID,
     DEFAULT_MIN_SIZES,

@@ -17,11 +17,11 @@ import pytest
 from gitract.config import InferConfig
 from gitract.data import CLASSES, load_train_table
 from gitract.errors import ConfigError, DataError
-from gitract.evaluation import evaluate_submission
 from gitract.inference import encode_volume, load_postprocess
 from gitract.metrics import competition_score
 from gitract.postprocess import ClassPostprocess, default_params, postprocess_volume, quantize
 from gitract.rle import rle_encode
+from gitract.scoring import score_submission
 from gitract.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_perfect_submission_scores_one(tiny_kaggle, tmp_path) -> None:
     train = pd.read_csv(tiny_kaggle.train_csv, dtype=str, keep_default_na=False)
     path = tmp_path / "perfect.csv"
     train.rename(columns={"segmentation": "predicted"}).to_csv(path, index=False)
-    assert evaluate_submission(path, tiny_kaggle.root)["score"] == pytest.approx(1.0)
+    assert score_submission(path, tiny_kaggle.root)["score"] == pytest.approx(1.0)
 
 
 def test_oof_style_submission_is_scored_on_its_case_days_only(scored, tmp_path) -> None:
@@ -160,7 +160,7 @@ def test_oof_style_submission_is_scored_on_its_case_days_only(scored, tmp_path) 
     part = tmp_path / "one_day.csv"
     rows = [(i, c, rle_encode(pred[(i, c)])) for i in ids for c in CLASSES]
     pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(part, index=False)
-    got = evaluate_submission(part, tiny.root)
+    got = score_submission(part, tiny.root)
     want = _reference(
         {k: v for k, v in pred.items() if k[0] in ids},
         {k: v for k, v in truth.items() if k[0] in ids},
@@ -185,11 +185,11 @@ def test_test_submission_is_scored_against_explicit_labels(scored, tmp_path) -> 
     pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(labels, index=False)
     rows = [(i, c, rle_encode(m)) for (i, c), m in pred.items()]
     pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(sub, index=False)
-    got = evaluate_submission(sub, tiny.root, labels)
+    got = score_submission(sub, tiny.root, labels)
     assert got["score"] == pytest.approx(_reference(pred, truth)["score"], abs=1e-9)
     # Without labels a test submission cannot be scored: say so, and how to fix it.
     with pytest.raises(DataError, match=r"none of its case-days is in .*train\.csv.*--labels"):
-        evaluate_submission(sub, tiny.root)
+        score_submission(sub, tiny.root)
 
 
 @pytest.mark.parametrize("fault", ["bad_rle", "missing_row"])
@@ -219,11 +219,11 @@ def test_unreadable_submission_names_the_file(tmp_path, tiny_kaggle) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty\.csv: file is empty"):
-        evaluate_submission(empty, tiny_kaggle.root)
+        score_submission(empty, tiny_kaggle.root)
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("id,class,segmentation\n")
     with pytest.raises(DataError, match=r"wrong\.csv: missing column\(s\) predicted \(has: "):
-        evaluate_submission(wrong, tiny_kaggle.root)
+        score_submission(wrong, tiny_kaggle.root)
 
 
 # --------------------------------------------------------------------------- tuning
@@ -292,6 +292,9 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     assert small["baseline_score"] == baseline
     with pytest.raises(ConfigError, match=r"threshold: threshold must be in \(0, 1\)"):
         tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\), got 1.5$") as bad:
+        tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": np.array([0.5, 1.5])})
+    assert "np." not in str(bad.value)
     with pytest.raises(ConfigError, match="unknown metric profile 'kagle'"):
         tune_postprocess(tmp_path / "oof_probs", table, "kagle")
 

@@ -183,7 +183,10 @@ def test_corrupt_cached_weights_are_named_not_blamed_on_the_network(
     _hub_returns(monkeypatch, lambda *args, **kwargs: str(corrupt))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: str(corrupt))
     with pytest.raises(ConfigError) as e:
-        build_model(ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights="imagenet"), in_channels=3)
+        build_model(
+            ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights="imagenet"),
+            in_channels=3,
+        )
     msg = str(e.value)
     assert msg.startswith(
         f"model.encoder_weights: 'imagenet' weights for encoder '{encoder}': "
@@ -241,7 +244,9 @@ FAMILIES = ["efficientnet-b0", "tu-mobilenetv3_small_100", "timm-efficientnet-b0
 @pytest.mark.parametrize("encoder", FAMILIES)
 def test_every_parameter_gets_a_gradient(encoder):
     torch.manual_seed(0)
-    net = build_model(ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights=None), in_channels=3).train()
+    net = build_model(
+        ModelConfig(arch="Unet", encoder_name=encoder, encoder_weights=None), in_channels=3
+    ).train()
     net(torch.randn(2, 3, 64, 64)).pow(2).mean().backward()
     without = [name for name, p in net.named_parameters() if p.grad is None]
     assert without == []

@@ -169,3 +169,13 @@ def test_class_settings_round_trip_and_reject_bad_values() -> None:
         ClassPostprocess(min_run=-1)
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):
         ClassPostprocess(threshold=1.0)
+
+
+def test_bad_numpy_settings_are_reported_as_plain_values() -> None:
+    """A grid made with numpy (np.linspace, np.arange) names the value, not its numpy repr."""
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\), got 1.5$") as bad:
+        ClassPostprocess(threshold=np.float64(1.5))
+    assert "np." not in str(bad.value)
+    with pytest.raises(ValueError, match="min_size must be an integer >= 0, got -25$") as bad:
+        ClassPostprocess(min_size=np.int64(-25))
+    assert "np." not in str(bad.value)

@@ -83,8 +83,8 @@ def _reference_mlebench(sub: pd.DataFrame, answers: pd.DataFrame) -> float:
 
 
 def _reference_kaggle(pred: dict, truth: dict) -> float:
-    """design.md section 3 by brute force: both-empty rows score 1, Hausdorff per
-    (case-day, class), both-empty volumes skipped, one empty 1."""
+    """The kaggle profile (gitract.metrics' docstring) by brute force: both-empty rows score 1,
+    Hausdorff per (case-day, class), both-empty volumes skipped, one empty 1."""
     dice, hds = [], []
     for day in pred:
         p_all, t_all = pred[day], truth[day]

@@ -3,7 +3,8 @@
 They are what a first notebook would write: an RLE decoder that loops over the runs in Python,
 a loader that reads the three PNGs of every 2.5D sample from disk and decodes its masks on the
 fly, and a Hausdorff distance from pairwise point distances. They are correct (the benchmark
-checks that they agree with gitract) but not meant for use in the pipeline.
+checks that they agree with gitract) but are only the benchmark's yardstick: they live beside it
+in scripts/, outside the gitract package and so outside the wheel shipped to Kaggle.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from gitract.config import DataConfig
 from gitract.data import CLASSES
 from gitract.dataset import slice_offsets
 from gitract.geometry import Letterbox
-
-__all__ = ["NaiveSliceDataset", "naive_hausdorff_3d", "naive_rle_decode"]
 
 
 def naive_rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:

@@ -11,7 +11,7 @@ from gitract.data import read_csv_file, scan_images
 from gitract.errors import DataError
 from gitract.metrics import PROFILES, check_profile, competition_score
 
-__all__ = ["evaluate_submission", "read_labels", "score_profiles"]
+__all__ = ["score_submission", "read_labels", "score_profiles"]
 
 # mle-bench's answers (private/test.csv): the truth in ``predicted``, and each slice's size.
 _ANSWER_SIZE = ("image_height", "image_width")
@@ -47,7 +47,7 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return labels, shapes
 
 
-def evaluate_submission(
+def score_submission(
     submission_path: Path,
     data_dir: Path,
     labels_path: Path | None = None,
