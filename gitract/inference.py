@@ -364,26 +364,25 @@ def write_submission(
 
 
 def infer_test(
-    infer: InferConfig,
+    cfg: Config,
     data_dir: Path,
     runs: Path | BlendSpec,
     folds: Sequence[int] | None = None,
     out: Path | None = None,
     device: torch.device | None = None,
-    cache_dir: str | Path | None = None,
     num_workers: int = 0,
     progress: bool = True,
-    postprocess: PostprocessConfig | None = None,
     tuned_file: Path | None = None,
 ) -> Path:
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
 
-    ``runs``: one runs folder (its folds, TTA and batch size of ``infer``), or a
+    ``runs``: one runs folder (its folds, with ``cfg.infer``'s TTA and batch size), or a
     :class:`~gitract.blend.BlendSpec` (each member with its own config's TTA and batch size,
-    probabilities averaged with the weights on each slice's own grid).
+    probabilities averaged with the weights on each slice's own grid). The volume cache goes
+    to ``cfg.data.cache_dir``.
 
     Post-processing: ``tuned_file``, else ``postprocess.json`` in the runs folder (the blend's
-    folder for a blend), else the config's (``postprocess`` section, thresholds from ``infer``
+    folder for a blend), else ``cfg``'s (``postprocess`` section, thresholds from ``infer``
     where it has none).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
@@ -415,12 +414,13 @@ def infer_test(
         folder = runs.dir
     else:
         single = MemberSpec(Path(runs), 1.0)
+        infer = cfg.infer
         members = [
             load_member(single, device, folds, infer.tta_flips, infer.batch_size, num_workers)
         ]
         folder = Path(runs)
-    params = load_postprocess(folder, infer, postprocess, tuned_file)
-    cache = VolumeCache(table, cache_dir, with_masks=False, progress=progress)
+    params = load_postprocess(folder, cfg.infer, cfg.postprocess, tuned_file)
+    cache = VolumeCache(table, cfg.data.cache_dir, with_masks=False, progress=progress)
     # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
     predictions: dict[tuple[str, str], str] = {}

@@ -336,10 +336,10 @@ def bench_inference(data: Path, runs: Path, work: Path, device: torch.device) ->
     def end_to_end(run: int) -> float:
         # A fresh cache each time: reading and decoding the PNGs is part of the work.
         start = time.perf_counter()
+        cfg.data.cache_dir = str(work / f"infer_cache{suffix}_{run}")
         out = infer_test(
-            cfg.infer, data, runs, [0], work / f"submission{suffix}.csv", device=device,
-            cache_dir=work / f"infer_cache{suffix}_{run}", num_workers=0, progress=False,
-        )  # fmt: skip
+            cfg, data, runs, [0], work / f"submission{suffix}.csv", device=device, progress=False
+        )
         rate = n_slices / (time.perf_counter() - start)
         assert len(pd.read_csv(out)) == len(sample)
         return rate

@@ -89,8 +89,7 @@ def main() -> None:
         )
     else:
         path = infer_test(
-            cfg.infer, data_dir, runs, args.folds, out, cache_dir=cfg.data.cache_dir,
-            num_workers=workers, progress=progress, postprocess=cfg.postprocess,
+            cfg, data_dir, runs, args.folds, out, num_workers=workers, progress=progress,
             tuned_file=Path(args.postprocess) if args.postprocess else None,
         )  # fmt: skip
     print(f"wrote {path}")

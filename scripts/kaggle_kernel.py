@@ -222,15 +222,8 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     else:
         described = str(runs)
     print(f"runs {described}, data {data_dir}, cache {os.environ['GITRACT_CACHE_DIR']}", flush=True)
-    infer_test(
-        cfg.infer,
-        data_dir,
-        runs,
-        out=out,
-        cache_dir=os.environ["GITRACT_CACHE_DIR"],
-        num_workers=workers,
-        progress=not args.no_progress,
-    )
+    cfg.data.cache_dir = os.environ["GITRACT_CACHE_DIR"]
+    infer_test(cfg, data_dir, runs, out=out, num_workers=workers, progress=not args.no_progress)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return out
 

@@ -262,7 +262,7 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
         json.dumps({"thresholds": [0.3, 0.3, 0.3], "min_component_size": [0, 0, 0]})
     )
     cfg = load_config(DEMO, FAST_2D)
-    out = infer_test(cfg.infer, synthetic_set.root, spec, out=tmp_path / "sub.csv", device=CPU,
+    out = infer_test(cfg, synthetic_set.root, spec, out=tmp_path / "sub.csv", device=CPU,
                      progress=False)  # fmt: skip
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     sample = pd.read_csv(synthetic_set.root / "sample_submission.csv", dtype=str)

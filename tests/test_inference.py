@@ -290,9 +290,8 @@ def test_five_fold_submission_follows_a_shuffled_sample(
     monkeypatch.setattr(Ensemble, "load", classmethod(spy))
     out = tmp_path / "sub" / "submission.csv"
     got = infer_test(
-        five_folds.cfg.infer, data, five_folds.runs, out=out, device=CPU, num_workers=0,
-        progress=False,
-    )  # fmt: skip
+        five_folds.cfg, data, five_folds.runs, out=out, device=CPU, num_workers=0, progress=False
+    )
     assert got == out
     assert len(find_checkpoints(five_folds.runs)) == 5
     assert len(loaded) == 1 and len(loaded[0].models) == 5  # every fold in the ensemble
@@ -489,7 +488,7 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
     low_settings = {"thresholds": [0.02] * 3, "min_component_size": min_sizes}
     (low / "postprocess.json").write_text(json.dumps(low_settings))
     low_out = infer_test(
-        five_folds.cfg.infer, data, low, out=tmp_path / "low.csv", device=CPU, progress=False
+        five_folds.cfg, data, low, out=tmp_path / "low.csv", device=CPU, progress=False
     )
     high_sub, low_sub = _read(tuned_out), _read(low_out)
     assert high_sub[["id", "class"]].equals(low_sub[["id", "class"]])

@@ -359,7 +359,7 @@ def test_kernel_predicts_the_test_set(kaggle_python, bundle, trained_runs, synth
     # Same code, same answer: the kernel's submission is gitract's own (tuned thresholds).
     with _one_thread():
         local = infer_test(
-            run_config(trained_runs).infer,
+            run_config(trained_runs),
             synthetic_set.root,
             trained_runs,
             out=tmp_path / "local.csv",
@@ -571,7 +571,7 @@ def test_kernel_predicts_with_a_2d_3d_blend_offline(
 
     with _one_thread():
         local = infer_test(
-            run_config(blend_bundle.spec.members[0].run).infer, synthetic_set.root,
+            run_config(blend_bundle.spec.members[0].run), synthetic_set.root,
             blend_bundle.spec, out=tmp_path / "local.csv", progress=False,
         )  # fmt: skip
     assert (root / "working" / "submission.csv").read_text() == local.read_text()
