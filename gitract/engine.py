@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,18 +158,67 @@ def _micro_batches(loader: DataLoader, accumulate: int) -> Iterator[tuple[dict, 
         yield batch, (i + 1) % accumulate == 0 or i + 1 == n
 
 
+@dataclass
+class _Tally:
+    """An epoch's counts, kept on the device and read on the host only by :meth:`report`:
+    ``sums`` is [loss x n, n] over finite batches; ``run`` and ``worst`` the current and longest
+    stretch of non-finite steps; ``skipped`` all of them, of which ``reported`` were logged."""
+
+    sums: torch.Tensor
+    run: torch.Tensor
+    worst: torch.Tensor
+    skipped: torch.Tensor
+    reported: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _Tally:
+        zero = torch.zeros((), device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        return cls(sums, zero.clone(), zero.clone(), zero.clone())
+
+    def add_batch(self, loss: torch.Tensor, n: int) -> None:
+        finite = torch.isfinite(loss)
+        self.sums += torch.stack([torch.where(finite, loss, 0.0) * n, finite * n]).double()
+
+    def end_step(self, bad: torch.Tensor) -> None:
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+        self.skipped += bad
+
+    def report(self, loop: Loop, state: TrainState, bar: tqdm, epoch: int, lr: float) -> None:
+        """The loop's one host read: progress, newly skipped steps, and the stop rule. The
+        flags are equal on every rank, so every rank stops at the same step and none is left
+        waiting in a collective."""
+        loss_sum, n_good = self.sums.tolist()
+        longest, total = (int(v) for v in torch.stack([self.worst, self.skipped]).tolist())
+        if total > self.reported:
+            state.skipped_steps += total - self.reported
+            if loop.ctx.is_main:
+                tqdm.write(
+                    f"epoch {epoch}: skipped {total - self.reported} non-finite step(s) by "
+                    f"global step {state.step} ({state.skipped_steps} in this run)"
+                )
+            self.reported = total
+        limit = loop.cfg.train.max_bad_steps
+        if longest >= limit:
+            raise TrainingError(
+                f"{longest} consecutive non-finite training steps in epoch {epoch} (by global "
+                f"step {state.step}; train.max_bad_steps={limit}); try a lower train.lr, "
+                "train.grad_clip, or train.amp=false"
+            )
+        if n_good:
+            bar.set_postfix(loss=f"{loss_sum / n_good:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+
 def train_one_epoch(
     loop: Loop, state: TrainState, loader: DataLoader, epoch: int
 ) -> dict[str, float]:
     """One pass over ``loader``; returns train_loss (finite steps), lr (last), data_wait (share
     of the epoch spent waiting for batches) and skipped (non-finite steps skipped)."""
-    cfg, ctx, device = loop.cfg.train, loop.ctx, loop.ctx.device
+    cfg, ctx = loop.cfg.train, loop.ctx
     loop.net.train()
-    zero = torch.zeros((), device=device)
-    # Device-side running sums: [loss * n, n] over finite batches; flags and counters as floats.
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    step_bad, run, worst, skipped = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    reported = 0
+    tally = _Tally.zeros(ctx.device)
+    step_bad = torch.zeros((), device=ctx.device)  # 1.0 once a micro-batch of the step is bad
     lr = loop.schedule(state.step)
     wait = 0.0
     bar = tqdm(
@@ -190,11 +239,8 @@ def train_one_epoch(
                 aux = F.binary_cross_entropy_with_logits(presence.float(), target)
                 loss = loss + cfg.aux_weight * aux
             state.scaler.scale(loss / cfg.accumulate).backward()
-        finite = torch.isfinite(loss.detach())
-        step_bad = torch.maximum(step_bad, (~finite).float())
-        sums += torch.stack(
-            [torch.where(finite, loss.detach(), 0.0) * len(image), finite * len(image)]
-        ).double()
+        step_bad = torch.maximum(step_bad, (~torch.isfinite(loss.detach())).float())
+        tally.add_batch(loss.detach(), len(image))
         bar.update()
         if ends_step:
             lr = loop.schedule(state.step)
@@ -207,51 +253,22 @@ def train_one_epoch(
             state.step += 1
             if state.ema is not None:
                 state.ema.update(state.model, step=state.step)
-            run = (run + 1) * step_bad
-            worst = torch.maximum(worst, run)
-            skipped += step_bad
-            step_bad = zero.clone()
+            tally.end_step(step_bad)
+            step_bad = torch.zeros_like(step_bad)
             if state.step % SYNC_EVERY == 0:
-                reported = _report(loop, state, bar, sums, worst, skipped, reported, epoch, lr)
+                tally.report(loop, state, bar, epoch, lr)
         tick = time.perf_counter()
-    reported = _report(loop, state, bar, sums, worst, skipped, reported, epoch, lr)
+    tally.report(loop, state, bar, epoch, lr)
     bar.close()
     elapsed = time.perf_counter() - started
-    loss_sum, n_good = all_reduce_sum(sums.cpu(), ctx).tolist()
+    loss_sum, n_good = all_reduce_sum(tally.sums.cpu(), ctx).tolist()
     timing = all_reduce_sum(torch.tensor([wait, elapsed], dtype=torch.float64), ctx).tolist()
     return {
         "train_loss": loss_sum / n_good if n_good else float("nan"),
         "lr": lr,
         "data_wait": timing[0] / max(timing[1], 1e-9),
-        "skipped": reported,
+        "skipped": tally.reported,
     }
-
-
-def _report(
-    loop: Loop, state: TrainState, bar: tqdm, sums: torch.Tensor, worst: torch.Tensor,
-    skipped: torch.Tensor, reported: int, epoch: int, lr: float,
-) -> int:  # fmt: skip
-    """The loop's one host read: progress, newly skipped steps, and the stop rule. The flags
-    are equal on every rank, so every rank stops at the same step and none is left waiting in
-    a collective."""
-    (loss_sum, n_good), (longest, total) = sums.tolist(), torch.stack([worst, skipped]).tolist()
-    total = int(total)
-    if total > reported:
-        state.skipped_steps += total - reported
-        if loop.ctx.is_main:
-            tqdm.write(
-                f"epoch {epoch}: skipped {total - reported} non-finite step(s) by global step "
-                f"{state.step} ({state.skipped_steps} in this run)"
-            )
-    if longest >= loop.cfg.train.max_bad_steps:
-        raise TrainingError(
-            f"{int(longest)} consecutive non-finite training steps in epoch {epoch} (by global "
-            f"step {state.step}; train.max_bad_steps={loop.cfg.train.max_bad_steps}); try a "
-            "lower train.lr, train.grad_clip, or train.amp=false"
-        )
-    if n_good:
-        bar.set_postfix(loss=f"{loss_sum / n_good:.4f}", lr=f"{lr:.2e}", refresh=False)
-    return total
 
 
 @torch.inference_mode()
@@ -528,12 +545,12 @@ def _fit(
     def schedule(step: int) -> float:
         return lr_at(step, total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr)
 
-    history: list[dict[str, Any]] = []
+    out = _RunFiles(run_dir, fold)
     if ckpt is not None:
         state.restore(ckpt, ctx.rank, ctx.world_size, cfg.train.seed)
         if (run_dir / "history.csv").exists():
             old = pd.read_csv(run_dir / "history.csv")
-            history = old[old["epoch"] <= state.epoch].to_dict("records")
+            out.history = old[old["epoch"] <= state.epoch].to_dict("records")
         if ctx.is_main:
             print(f"resuming {run_dir} after epoch {state.epoch} (best {state.best:.4f})")
             for note in state.notes:
@@ -542,28 +559,68 @@ def _fit(
         print(f"nothing to resume in {run_dir}: starting from scratch")
 
     loop = Loop(cfg, ctx, _wrap(model, cfg, ctx), build_loss(cfg.train), schedule, progress)
-    writer = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        writer = _tensorboard(run_dir)
+        out.writer = _tensorboard(run_dir)
         print(
             f"training {cfg.name} fold {fold} on {ctx.device} x{ctx.world_size}: "
             f"{data.n_train} train / {data.n_val} val slices, {steps_per_epoch} steps/epoch"
         )
     try:
         for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
-            _epoch(loop, state, data, epoch, run_dir, fold, history, writer)
+            _epoch(loop, state, data, epoch, out)
     finally:
-        if writer is not None:
-            writer.close()
+        if out.writer is not None:
+            out.writer.close()
     return run_dir
 
 
-def _epoch(
-    loop: Loop, state: TrainState, data: _Data, epoch: int, run_dir: Path, fold: int,
-    history: list[dict[str, Any]], writer: Any,
-) -> None:  # fmt: skip
+@dataclass
+class _RunFiles:
+    """What rank 0 writes for a fold: its folder, the epochs' rows and a TensorBoard writer."""
+
+    run_dir: Path
+    fold: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None  # a SummaryWriter when tensorboard is installed
+
+    def write(
+        self, cfg: Config, state: TrainState, improved: bool, row: dict[str, Any], rng: list
+    ) -> None:
+        """The files after an epoch. best.pt is written before last.pt, so a run killed
+        between the two resumes from the previous epoch and simply redoes this one."""
+        meta = {
+            "fold": self.fold,
+            "epoch": state.epoch,
+            "val_dice": float(row.get("val_dice", float("nan"))),
+            "val_score": float(row.get("val_score", float("nan"))),
+            "select_by": cfg.train.select_by,
+            "classes": list(CLASSES),
+            "in_channels": 1 if cfg.model.kind == "3d" else cfg.data.in_channels,
+            "kind": cfg.model.kind,
+            "gitract_version": __version__,
+            "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
+        }
+        config = config_to_dict(cfg)
+        last = state.checkpoint(config, meta, rng)
+        if improved:  # the validated weights: the EMA's when there is one
+            best = {"model": last.get("ema", last["model"]), "config": config, "meta": meta}
+            save_checkpoint(best, self.run_dir / "best.pt")
+        save_checkpoint(last, self.run_dir / "last.pt")
+        frame = pd.DataFrame(self.history)
+        with atomic_path(self.run_dir / "history.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+        if "val_loss" in frame:
+            plot_curves(frame, self.run_dir / "curves.png")
+        if self.writer is not None:
+            for name, number in row.items():
+                if name != "epoch" and isinstance(number, (int, float)):
+                    self.writer.add_scalar(name, number, state.epoch)
+            self.writer.flush()
+
+
+def _epoch(loop: Loop, state: TrainState, data: _Data, epoch: int, out: _RunFiles) -> None:
     """Train, validate, select, and (rank 0) write one epoch's outputs."""
     started = time.perf_counter()
     data.sampler.set_epoch(epoch)
@@ -574,7 +631,7 @@ def _epoch(
     elif data.val_volumes is not None:
         row.update(validate_volumes(loop, data.val_volumes, data.cache, state.eval_model))
     row["seconds"] = time.perf_counter() - started
-    history.append(row)
+    out.history.append(row)
     key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
     value = row.get(key, float("nan"))
     # With no validation set (fold -1) the latest weights are the best we know.
@@ -584,12 +641,7 @@ def _epoch(
     state.epoch = epoch
     rng = all_gather_objects(capture_rng(), loop.ctx)  # every rank's own streams
     if loop.ctx.is_main:
-        _write_outputs(run_dir, loop.cfg, fold, state, improved, row, history, rng)
-        if writer is not None:
-            for name, number in row.items():
-                if name != "epoch" and isinstance(number, (int, float)):
-                    writer.add_scalar(name, number, epoch)
-            writer.flush()
+        out.write(loop.cfg, state, improved, row, rng)
         print(_epoch_line(row, loop.cfg.train.epochs, improved))
     barrier(loop.ctx)
 
@@ -605,34 +657,3 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
         text += f"  skipped {row['skipped']}"
     text += f"  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
     return text + ("  *best*" if improved else "")
-
-
-def _write_outputs(
-    run_dir: Path, cfg: Config, fold: int, state: TrainState, improved: bool,
-    row: dict[str, Any], history: list[dict[str, Any]], rng: list[dict[str, Any]],
-) -> None:  # fmt: skip
-    """Rank 0's files after an epoch. best.pt is written before last.pt, so a run killed
-    between the two resumes from the previous epoch and simply redoes this one."""
-    meta = {
-        "fold": fold,
-        "epoch": state.epoch,
-        "val_dice": float(row.get("val_dice", float("nan"))),
-        "val_score": float(row.get("val_score", float("nan"))),
-        "select_by": cfg.train.select_by,
-        "classes": list(CLASSES),
-        "in_channels": 1 if cfg.model.kind == "3d" else cfg.data.in_channels,
-        "kind": cfg.model.kind,
-        "gitract_version": __version__,
-        "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
-    }
-    config = config_to_dict(cfg)
-    last = state.checkpoint(config, meta, rng)
-    if improved:  # the validated weights: the EMA's when there is one
-        best = {"model": last.get("ema", last["model"]), "config": config, "meta": meta}
-        save_checkpoint(best, run_dir / "best.pt")
-    save_checkpoint(last, run_dir / "last.pt")
-    frame = pd.DataFrame(history)
-    with atomic_path(run_dir / "history.csv") as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-    if "val_loss" in frame:
-        plot_curves(frame, run_dir / "curves.png")
