@@ -37,7 +37,6 @@ from gitract.errors import ConfigError
 
 __all__ = [
     "CONFIG_DIR",
-    "DEFAULT_CONFIG",
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
@@ -52,7 +51,6 @@ __all__ = [
 
 #: ``configs/`` of the source tree (the package is installed editable).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
