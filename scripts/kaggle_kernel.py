@@ -250,8 +250,13 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
 
         if runs is None or run_kind(find_checkpoints(runs)[0]) != "3d":
             est = estimate_runtime(
-                args.slices, runs, config, args.folds, args.batch_size, args.batches
-            )  # fmt: skip
+                args.slices,
+                runs,
+                config,
+                folds=args.folds,
+                batch_size=args.batch_size,
+                batches=args.batches,
+            )
             print(format_estimate(est), flush=True)
         if runs is None:
             return
