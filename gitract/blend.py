@@ -56,7 +56,6 @@ __all__ = [
     "load_member",
     "read_ensemble",
     "run_config_of",
-    "run_kind",
 ]
 
 
@@ -172,11 +171,6 @@ def run_config_of(checkpoint: Path) -> Config:
     return config_from_dict(
         load_checkpoint(checkpoint)["config"], source=f"checkpoint {checkpoint}"
     )
-
-
-def run_kind(checkpoint: Path) -> str:
-    """``model.kind`` of a fold's config: "2.5d" or "3d"."""
-    return run_config_of(checkpoint).model.kind
 
 
 class Member(Protocol):

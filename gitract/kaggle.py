@@ -304,10 +304,7 @@ def _blend_members(runs) -> tuple[list, Path | None]:
 
 
 def _is_3d(run: Path) -> bool:
-    from gitract.blend import run_kind
-    from gitract.inference import find_checkpoints
-
-    return run_kind(find_checkpoints(run)[0]) == "3d"
+    return run_config(run).model.kind == "3d"
 
 
 def build_bundle(
@@ -354,10 +351,9 @@ def build_bundle(
         members, names = [], [Path(runs).resolve().name]
         if postprocess is not None:
             raise GitractError("--postprocess goes with a blend; a run bundles its own")
-    for folder in (dataset_dir, kernel_dir):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=dataset_dir.parent))
-    staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=kernel_dir.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=out))
+    staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=out))
     try:
         if blend:
             folds = []

@@ -242,13 +242,11 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         estimate_runtime,
         format_blend_estimate,
         format_estimate,
+        run_config,
     )
 
     if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device
-        from gitract.blend import run_kind
-        from gitract.inference import find_checkpoints
-
-        if runs is None or run_kind(find_checkpoints(runs)[0]) != "3d":
+        if runs is None or run_config(runs).model.kind != "3d":
             est = estimate_runtime(
                 args.slices,
                 runs,
