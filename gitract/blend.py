@@ -56,7 +56,6 @@ __all__ = [
     "load_member",
     "read_ensemble",
     "run_config_of",
-    "run_kind",
 ]
 
 
@@ -172,11 +171,6 @@ def run_config_of(checkpoint: Path) -> Config:
     return config_from_dict(
         load_checkpoint(checkpoint)["config"], source=f"checkpoint {checkpoint}"
     )
-
-
-def run_kind(checkpoint: Path) -> str:
-    """``model.kind`` of a fold's config: "2.5d" (also for older configs without it) or "3d"."""
-    return str(getattr(run_config_of(checkpoint).model, "kind", "2.5d") or "2.5d")
 
 
 class Member(Protocol):
@@ -308,7 +302,7 @@ def load_member(
     paths = find_checkpoints(spec.run, folds)
     cfg = run_config_of(paths[0])
     name = spec.run.name
-    if getattr(cfg.model, "kind", "2.5d") == "3d":
+    if cfg.model.kind == "3d":
         return Member3D.load(name, paths, device, spec.weight, tta_flips)
     flips = cfg.infer.tta_flips if tta_flips is None else tta_flips
     ensemble = Ensemble.load(paths, device, flips)

@@ -304,33 +304,33 @@ def _blend_members(runs) -> tuple[list, Path | None]:
 
 
 def _is_3d(run: Path) -> bool:
-    from gitract.blend import run_kind
-    from gitract.inference import find_checkpoints
-
-    return run_kind(find_checkpoints(run)[0]) == "3d"
+    return run_config(run).model.kind == "3d"
 
 
 def build_bundle(
     runs,  # Path (one run) | Sequence[Path] | gitract.blend.BlendSpec (a blend)
-    dataset_dir: Path,
-    kernel_dir: Path,
-    kernel_script: Path,
-    wheel_cache: Path,
+    out: Path,
     source: Path,
+    *,
+    wheel_cache: Path | None = None,
     user: str | None = None,
     dataset_slug: str = "gitract-bundle",
     kernel_slug: str = "gitract-submission",
     postprocess: Path | None = None,
 ) -> BundleInfo:
-    """Write the Kaggle dataset (wheels, runs, metadata) and the kernel folder.
+    """Write ``out/kaggle-dataset`` (wheels, runs, metadata) and ``out/kaggle-kernel`` (the
+    kernel ``source/scripts/kaggle_kernel.py`` as script and notebook).
 
     ``runs``: one runs folder (``runs/<name>/`` as it is, with its postprocess.json), or a
     blend (several runs folders with equal weights, or a :class:`~gitract.blend.BlendSpec`):
     every member's folds under ``runs/<name>/``, ``ensemble.json`` (members and weights) and
     the blend's ``postprocess.json`` (``postprocess``, else the one in the blend's folder) at
     the top. Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, plus
-    :data:`WHEELS_3D` when a run is 3D, taken from ``wheel_cache`` (downloaded there once);
-    gitract's is built from ``source``."""
+    :data:`WHEELS_3D` when a run is 3D, downloaded once into ``wheel_cache`` (default
+    ``out/wheel-cache``); gitract's is built from ``source``."""
+    dataset_dir, kernel_dir = out / "kaggle-dataset", out / "kaggle-kernel"
+    kernel_script = source / "scripts" / KERNEL_FILE
+    wheel_cache = wheel_cache or out / "wheel-cache"
     user = user or os.environ.get("KAGGLE_USERNAME") or PLACEHOLDER_USER
     if not kernel_script.is_file():
         raise GitractError(f"{kernel_script}: kernel script not found")
@@ -351,10 +351,9 @@ def build_bundle(
         members, names = [], [Path(runs).resolve().name]
         if postprocess is not None:
             raise GitractError("--postprocess goes with a blend; a run bundles its own")
-    for folder in (dataset_dir, kernel_dir):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=dataset_dir.parent))
-    staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=kernel_dir.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=out))
+    staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=out))
     try:
         if blend:
             folds = []
@@ -466,10 +465,20 @@ def measure_throughput(ensemble, batch_size: int, batches: int = 3) -> float:
     return batch_size * batches / (time.perf_counter() - start)
 
 
+def _random_init_2d(cfg: Config):
+    """The 2.5D network of ``cfg`` without pretrained weights (nothing to download): for
+    timing and FLOP counts only."""
+    from gitract.model import build_model
+
+    model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
+    return build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
+
+
 def estimate_runtime(
     slices: int,
     runs: Path | None = None,
     config: Path | None = None,
+    *,
     folds: int | None = None,
     batch_size: int | None = None,
     batches: int = 3,
@@ -481,7 +490,7 @@ def estimate_runtime(
     import torch
 
     from gitract.inference import Ensemble, find_checkpoints
-    from gitract.model import build_model, load_checkpoint, load_model_from_checkpoint
+    from gitract.model import load_checkpoint, load_model_from_checkpoint
 
     if slices < 1 or batches < 1:
         raise GitractError(f"--slices and --batches must be >= 1, got {slices}, {batches}")
@@ -492,8 +501,7 @@ def estimate_runtime(
         n_folds = folds or len(paths)
     elif config is not None:
         cfg = load_config(config)
-        model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
-        model = build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
+        model = _random_init_2d(cfg)
         n_folds = folds or 5
     else:
         raise GitractError("estimate: give --runs (trained folds) or --config")
@@ -583,8 +591,7 @@ def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap
         if size <= roi:
             continue
         stride = max(int(roi * (1 - overlap)), 1)
-        count = next(d for d in range(size) if d * stride + roi >= size) + 1
-        tiles *= count
+        tiles *= math.ceil((size - roi) / stride) + 1
     return tiles
 
 
@@ -612,7 +619,6 @@ def estimate_blend(
     loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
     from gitract.blend import run_config_of
     from gitract.inference import find_checkpoints
-    from gitract.model import build_model
 
     if slices < 1 or case_days < 1:
         raise GitractError(f"--slices and --case-days must be >= 1, got {slices}, {case_days}")
@@ -621,7 +627,7 @@ def estimate_blend(
         paths = find_checkpoints(member.run)
         cfg = run_config_of(paths[0])
         views = 1 + len(cfg.infer.tta_flips)
-        kind = getattr(cfg.model, "kind", "2.5d") or "2.5d"
+        kind = cfg.model.kind
         if kind == "3d":
             from gitract.model3d import build_model3d
 
@@ -632,8 +638,7 @@ def estimate_blend(
             passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
             shape, name = (1, 1, *patch), f"{cfg.model.arch} {cfg.model.init_filters} filters"
         else:
-            model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
-            model = build_model(model_cfg, in_channels=cfg.data.in_channels)
+            model = _random_init_2d(cfg)
             shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
             passes, name = slices, f"{cfg.model.arch}/{cfg.model.encoder_name}"
         gflops = count_flops(model, shape) / 1e9

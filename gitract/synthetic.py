@@ -329,16 +329,6 @@ def _drop_specks(field_: np.ndarray, pixel: float) -> np.ndarray:
     return np.where(specks > 0, np.maximum(field_, np.float32(pixel)), field_)
 
 
-def _upsample(stack: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a (h, w, C) float32 stack to (height, width, C)."""
-    parts = [
-        cv2.resize(stack[..., i : i + 256], (width, height), interpolation=cv2.INTER_LINEAR)
-        for i in range(0, stack.shape[-1], 256)
-    ]
-    parts = [p[..., None] if p.ndim == 2 else p for p in parts]
-    return np.concatenate(parts, axis=-1)
-
-
 def _render_day(
     anatomy: _Anatomy,
     day: _Day,
@@ -396,7 +386,7 @@ def _render_day(
             axis=-1,
         ).astype(np.float32)
         (body, lb, sb, st, st_grad, liver, kidneys, spine, canal, bias, tex_s, tex_m) = np.moveaxis(
-            _upsample(coarse, height, width), -1, 0
+            cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR), -1, 0
         )
         lb, sb, st = (_drop_specks(f, pixel) for f in (lb, sb, st))
 
@@ -521,29 +511,26 @@ def _slice_file(root: Path, cd: _CaseDay, number: int) -> Path:
     return root / cd.split / f"case{cd.case}" / cd.name / "scans" / name
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically: a temp file in the same folder, then ``os.replace``."""
-    write_text_atomic(path, text)
-
-
 def _labels_csv(rows: list[tuple[str, str, str]], header: str) -> str:
     return header + "\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows)
+
+
+def _int_at_least(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _check_args(
     out_dir: Path, labels_dir: Path, n_cases: int, n_slices: int, seed: int, workers: int | None
 ) -> None:
-    if isinstance(n_cases, bool) or not isinstance(n_cases, int) or n_cases < 2:
+    if not _int_at_least(n_cases, 2):
         raise ConfigError(
             f"cases must be an integer >= 2 (one for train, one for test), got {n_cases!r}"
         )
-    if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < MIN_SLICES:
+    if not _int_at_least(n_slices, MIN_SLICES):
         raise ConfigError(f"slices must be an integer >= {MIN_SLICES}, got {n_slices!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _int_at_least(seed, 0):
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    if workers is not None and (
-        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
-    ):
+    if workers is not None and not _int_at_least(workers, 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     out, labels = out_dir.resolve(), labels_dir.resolve()
     if labels == out or out in labels.parents:
@@ -617,7 +604,7 @@ def generate(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"cases": n_cases, "slices": n_slices, "seed": seed}
-    _write_text(out_dir / MARKER, json.dumps(params, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / MARKER, json.dumps(params, sort_keys=True) + "\n")
     staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=out_dir))
     try:
         rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
@@ -643,15 +630,15 @@ def generate(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    _write_text(out_dir / "train.csv", _labels_csv(rows["train"], "id,class,segmentation"))
+    write_text_atomic(out_dir / "train.csv", _labels_csv(rows["train"], "id,class,segmentation"))
     submission = [(i, c, "") for i, c, _ in rows["test"]]
     order = np.random.default_rng([seed, 3]).permutation(len(submission))
-    _write_text(
+    write_text_atomic(
         out_dir / "sample_submission.csv",
         _labels_csv([submission[i] for i in order], "id,class,predicted"),
     )
     labels_csv = labels_dir / "test_labels.csv"
-    _write_text(labels_csv, _labels_csv(rows["test"], "id,class,segmentation"))
+    write_text_atomic(labels_csv, _labels_csv(rows["test"], "id,class,segmentation"))
 
     sizes = Counter(f"{w}x{h}@{s:.2f}" for w, h, s in (cd.size for cd in plan))
     return SyntheticSummary(

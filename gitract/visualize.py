@@ -94,8 +94,7 @@ def plot_slices(
     ax.legend(handles=[*ax.get_lines()[:1], *handles], loc="lower left", ncol=4, fontsize=8)
     if title:
         fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path)
+    save_figure(fig, path)  # makes the folder
     return path
 
 

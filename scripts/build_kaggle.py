@@ -49,7 +49,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    out = Path(args.out)
     if args.ensemble:
         runs = read_ensemble(args.ensemble)
     elif len(args.runs) > 1 or args.weights:
@@ -57,12 +56,10 @@ def main() -> None:
     else:
         runs = Path(args.runs[0])
     info = build_bundle(
-        runs=runs,
-        dataset_dir=out / "kaggle-dataset",
-        kernel_dir=out / "kaggle-kernel",
-        kernel_script=REPO / "scripts" / "kaggle_kernel.py",
-        wheel_cache=Path(args.wheel_cache) if args.wheel_cache else out / "wheel-cache",
-        source=REPO,
+        runs,
+        Path(args.out),
+        REPO,
+        wheel_cache=Path(args.wheel_cache) if args.wheel_cache else None,
         user=args.user,
         dataset_slug=args.dataset_slug,
         kernel_slug=args.kernel_slug,

@@ -242,16 +242,19 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         estimate_runtime,
         format_blend_estimate,
         format_estimate,
+        run_config,
     )
 
     if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device
-        from gitract.blend import run_kind
-        from gitract.inference import find_checkpoints
-
-        if runs is None or run_kind(find_checkpoints(runs)[0]) != "3d":
+        if runs is None or run_config(runs).model.kind != "3d":
             est = estimate_runtime(
-                args.slices, runs, config, args.folds, args.batch_size, args.batches
-            )  # fmt: skip
+                args.slices,
+                runs,
+                config,
+                folds=args.folds,
+                batch_size=args.batch_size,
+                batches=args.batches,
+            )
             print(format_estimate(est), flush=True)
         if runs is None:
             return

@@ -134,15 +134,7 @@ def wheel_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(trained_runs, wheel_cache, tmp_path_factory):
     base = tmp_path_factory.mktemp("kaggle_dist")
-    return build_bundle(
-        trained_runs,
-        base / "dist" / "kaggle-dataset",
-        base / "dist" / "kaggle-kernel",
-        KERNEL,
-        wheel_cache=wheel_cache,
-        source=REPO,
-        user="tester",
-    )
+    return build_bundle(trained_runs, base / "dist", REPO, wheel_cache=wheel_cache, user="tester")
 
 
 @pytest.fixture(scope="module")
@@ -271,10 +263,9 @@ def test_fetch_wheel_failure_names_the_package(tmp_path, monkeypatch):
 def test_build_refuses_runs_without_checkpoints(tmp_path):
     (tmp_path / "runs" / "fold0").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"runs: no <fold>/best\.pt inside"):
-        build_bundle(
-            tmp_path / "runs", tmp_path / "ds", tmp_path / "k", KERNEL, tmp_path / "c", REPO
-        )
-    assert not (tmp_path / "ds").exists() and not (tmp_path / "k").exists()
+        build_bundle(tmp_path / "runs", tmp_path / "out", REPO, wheel_cache=tmp_path / "c")
+    out = tmp_path / "out"
+    assert not (out / "kaggle-dataset").exists() and not (out / "kaggle-kernel").exists()
 
 
 def test_build_script_missing_runs_is_one_line(tmp_path):
@@ -517,10 +508,7 @@ def blend_bundle(trained_runs, run_3d, wheel_cache, tmp_path_factory):
     spec = blend_spec([trained_runs, run_3d], [0.7, 0.3], base / "blend")
     spec.dir.mkdir()
     (spec.dir / "postprocess.json").write_text(json.dumps(BLEND_TUNED))
-    info = build_bundle(
-        spec, base / "dist" / "kaggle-dataset", base / "dist" / "kaggle-kernel", KERNEL,
-        wheel_cache=wheel_cache, source=REPO, user="tester",
-    )  # fmt: skip
+    info = build_bundle(spec, base / "dist", REPO, wheel_cache=wheel_cache, user="tester")
     return SimpleNamespace(info=info, spec=spec)
 
 
