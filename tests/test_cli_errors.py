@@ -267,6 +267,19 @@ def test_train_refuses_folds_of_another_data_set(
     assert _files(tmp_path, skip=cache) == before
 
 
+def test_train_names_the_missing_fold_with_plain_values(
+    train_setup, tmp_path, monkeypatch, capsys
+) -> None:
+    kaggle, folds_csv, cache = train_setup
+    args = _train_args(kaggle.root, folds_csv, tmp_path / "runs")
+    args[args.index("--fold") + 1] = "7"
+    before = _files(tmp_path, skip=cache)
+    code, err = _run_in_process("train.py", args, monkeypatch, capsys)
+    _assert_one_line_error(code, err, str(folds_csv), "no fold 7; its folds are [0, 1]")
+    assert "np." not in err
+    assert _files(tmp_path, skip=cache) == before
+
+
 @pytest.mark.parametrize(
     ("edit", "culprits"),
     [
