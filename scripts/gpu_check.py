@@ -418,23 +418,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace) -> Config:
+    """The run's config with ``--img-size`` applied (the config's own rule checks it), once the
+    other arguments are known to be sane."""
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     bad = [b for b in args.batch_sizes if b < 1]
     if bad:
         raise ConfigError(f"--batch-sizes must be >= 1, got {bad[0]}")
-    if args.img_size and any(s < 32 or s % 32 for s in args.img_size):
-        raise ConfigError(f"--img-size must be multiples of 32, got {args.img_size}")
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    size = [f"data.img_size=[{', '.join(map(str, args.img_size))}]"] if args.img_size else []
+    return load_config(args.config, size)
 
 
-def run_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Every measurement of the check on ``device``; the report as a JSON-ready dict."""
-    cfg = load_config(args.config)
-    if args.img_size:
-        cfg.data.img_size = list(args.img_size)
     ddp = device.type == "cuda" if args.ddp is None else args.ddp
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
@@ -466,12 +465,12 @@ def run_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _check_args(args)
+    cfg = _check_args(args)
     device = pick_device(args.device)
     if device is None:
         print(NO_GPU_LINE)
         return 0
-    report = run_check(args, device)
+    report = run_check(args, cfg, device)
     print(format_report(report))
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
