@@ -41,6 +41,16 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
 
 
+def test_a_bad_img_size_is_the_configs_one_line_error(gpu_check, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        gpu_check.run_main(
+            lambda: gpu_check.main(["--config", str(DEMO), "--img-size", "64", "50"])
+        )
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'data.img_size' must be [H, W], two positive multiples of 32" in err
+
+
 def test_cpu_run_measures_every_batch_size_and_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     cmd = [
