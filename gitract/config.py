@@ -227,7 +227,7 @@ class InferConfig(_Section):
 
 
 class PostprocessConfig(_Section):
-    """Per-class post-processing of a whole case-day (gitract.postprocess), one value per class
+    """Per-class post-processing of a whole case-day (postprocess.steps), one value per class
     in CLASSES order; every step is off unless set here or tuned (runs/<name>/postprocess.json
     from ``evaluate.py --tune`` wins over this section). ``thresholds`` and
     ``min_component_size`` left null fall back to infer's (configs written before this section).

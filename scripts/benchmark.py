@@ -4,19 +4,19 @@
 
 Each result is a ratio, so it means the same on a slow or a busy machine:
 
-- rle_decode_speedup: gitract.rle.rle_decode vs a decoder looping over runs in Python, on the
+- rle_decode_speedup: gitract.data.rle.rle_decode vs a decoder looping over runs in Python, on the
   real annotations (../shared/real/uwmgi_annotations_subset.csv; synthetic masks if absent).
 - loader_speedup: 2.5D training samples/s (train augmentations on, default.yaml's data and
   train sections: 320x384) of SliceDataset over VolumeCache vs a loader that reads the three
   PNGs of every sample; one process, one thread: samples/s per core.
 - data_wait_fraction: share of a demo_cpu training epoch spent waiting for batches with the
   default num_workers.
-- inference_efficiency: end-to-end slices/s of gitract.inference.infer_test (reading,
+- inference_efficiency: end-to-end slices/s of gitract.inference.submission.infer_test (reading,
   resizing, TTA, RLE, CSV) / model-only slices/s (Ensemble.predict on pre-built batches).
-- metric_speedup: gitract.metrics.hausdorff_3d vs pairwise scipy directed_hausdorff on
+- metric_speedup: gitract.scoring.metrics.hausdorff_3d vs pairwise scipy directed_hausdorff on
   synthetic OOF-like volumes (values must agree).
 - tuning_seconds_real_scale: wall seconds of the default post-processing search
-  (gitract.tuning.tune_postprocess, kaggle profile, every CPU core) on synthetic OOF
+  (gitract.postprocess.tuning.tune_postprocess, kaggle profile, every CPU core) on synthetic OOF
   probabilities of the real data's size: 274 case-days of 144 or 80 slices, 266x266.
 - memory_growth: peak RSS of a demo_cpu training epoch (scripts/train.py, fresh process) on
   4N slices / on N slices.
@@ -49,16 +49,18 @@ from naive_baselines import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_dec
 from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
 from gitract.config import load_config
-from gitract.data import CLASSES, load_train_table, scan_images
-from gitract.dataset import SliceDataset, build_train_transform
-from gitract.folds import create_folds_file
-from gitract.inference import Ensemble, find_checkpoints, infer_test
-from gitract.metrics import hausdorff_3d
-from gitract.postprocess import quantize
-from gitract.rle import rle_decode, rle_decode_many, rle_encode
-from gitract.synthetic import generate
-from gitract.tuning import tune_postprocess
-from gitract.volumes import VolumeCache
+from gitract.data.cache import VolumeCache
+from gitract.data.folds import create_folds_file
+from gitract.data.layout import CLASSES, load_train_table, scan_images
+from gitract.data.rle import rle_decode, rle_decode_many, rle_encode
+from gitract.data.slices import SliceDataset, build_train_transform
+from gitract.data.synthetic import generate
+from gitract.inference.submission import infer_test
+from gitract.models.checkpoint import find_checkpoints
+from gitract.models.predict2d import Ensemble
+from gitract.postprocess.steps import quantize
+from gitract.postprocess.tuning import tune_postprocess
+from gitract.scoring.metrics import hausdorff_3d
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ANNOTATIONS = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"

@@ -15,9 +15,9 @@ import argparse
 import os
 from pathlib import Path
 
-from gitract.blend import blend_spec, read_ensemble
 from gitract.cli import run_main
-from gitract.kaggle import build_bundle
+from gitract.inference.blend import blend_spec, read_ensemble
+from gitract.kaggle.bundle import build_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 

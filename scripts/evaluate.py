@@ -23,11 +23,9 @@ import json
 from pathlib import Path
 
 from gitract.cli import run_main
-from gitract.data import load_train_table, resolve_data_dir
-from gitract.inference import OOF_PROBS_DIR, POSTPROCESS_FILE
-from gitract.metrics import PROFILES
-from gitract.scoring import score_profiles
-from gitract.tuning import (
+from gitract.data.layout import load_train_table, resolve_data_dir
+from gitract.inference.submission import OOF_PROBS_DIR, POSTPROCESS_FILE
+from gitract.postprocess.tuning import (
     DEFAULT_GRID,
     DEFAULT_MIN_SIZES,
     DEFAULT_SWEEPS,
@@ -35,6 +33,8 @@ from gitract.tuning import (
     save_postprocess,
     tune_postprocess,
 )
+from gitract.scoring.files import score_profiles
+from gitract.scoring.metrics import PROFILES
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,7 +9,7 @@ folder):
 - train: images/s of full training steps of the config's model (random init, AdamW, the config's
   loss, fp16 autocast + GradScaler and channels-last when the config asks), after a warm-up
   step, and the peak GPU memory (``torch.cuda.max_memory_allocated``) of those steps;
-- inference: images/s and peak memory of ``gitract.inference.Ensemble.predict`` (one model in
+- inference: images/s and peak memory of ``gitract.models.predict2d.Ensemble.predict`` (one model in
   eval mode, the config's flip TTA);
 - whether batch 16 at 320x384 fits in 16 GiB (a Kaggle T4/P100): its peak against 16 GiB;
 - ``--ddp`` (default on CUDA): one short epoch of ``scripts/train.py`` under
@@ -105,7 +105,7 @@ def _uses_channels_last(cfg: Config, device: torch.device) -> bool:
 
 def make_data(work: Path, cases: int, slices: int, seed: int = 0) -> Path:
     """A small synthetic data set in the Kaggle layout under ``work/data``; its folder."""
-    from gitract.synthetic import generate
+    from gitract.data.synthetic import generate
 
     generate(work / "data", work / "labels", n_cases=cases, n_slices=slices, seed=seed)
     return work / "data"
@@ -113,9 +113,9 @@ def make_data(work: Path, cases: int, slices: int, seed: int = 0) -> Path:
 
 def build_dataset(cfg: Config, data_dir: Path, cache_dir: Path) -> Any:
     """The 2.5D training dataset of ``data_dir`` at the config's size, with its augmentations."""
-    from gitract.data import load_train_table
-    from gitract.dataset import SliceDataset, build_train_transform
-    from gitract.volumes import VolumeCache
+    from gitract.data.cache import VolumeCache
+    from gitract.data.layout import load_train_table
+    from gitract.data.slices import SliceDataset, build_train_transform
 
     table = load_train_table(data_dir, cfg.data.exclude)
     cache = VolumeCache(table, cache_dir, with_masks=True, progress=False)
@@ -138,8 +138,8 @@ def draw_batches(dataset: Any, batch_size: int, n_batches: int, device: torch.de
 
 
 def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    from gitract.data import CLASSES
-    from gitract.model import build_model
+    from gitract.data.layout import CLASSES
+    from gitract.models.smp2d import build_model
 
     model_cfg = cfg.model.model_copy(
         update={"encoder_weights": None}
@@ -168,8 +168,8 @@ def measure_train(
 ) -> dict[str, Any]:  # fmt: skip
     """Images/s and peak memory of ``steps`` training steps (after a warm-up step) on
     ``batches`` (cycled): forward under autocast, the config's loss, scaled backward, gradient
-    clipping, AdamW step, as ``gitract.engine`` trains."""
-    from gitract.losses import build_loss
+    clipping, AdamW step, as ``gitract.training.engine`` trains."""
+    from gitract.models.losses import build_loss
 
     _reset_memory(device)
     model = _build_model(cfg, device).train()
@@ -208,7 +208,7 @@ def measure_inference(
 ) -> dict[str, Any]:  # fmt: skip
     """Images/s and peak memory of ``Ensemble.predict`` (one model in eval mode, the config's
     flip TTA, autocast and channels-last as inference uses them) on ``batches`` (cycled)."""
-    from gitract.inference import Ensemble
+    from gitract.models.predict2d import Ensemble
 
     _reset_memory(device)
     model = _build_model(cfg, device).eval()
@@ -275,8 +275,8 @@ def fit_check(train_rows: Sequence[dict[str, Any]], img_size: Sequence[int]) -> 
 
 def make_folds(data_dir: Path, out: Path) -> Path:
     """3 folds (fewer with fewer train cases) of the synthetic set, for scripts/train.py."""
-    from gitract.data import load_train_table
-    from gitract.folds import create_folds_file
+    from gitract.data.folds import create_folds_file
+    from gitract.data.layout import load_train_table
 
     n_cases = load_train_table(data_dir)["case"].nunique()
     create_folds_file(data_dir, out, n_splits=min(3, n_cases))

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gitract.blend import BlendSpec, blend_spec, read_ensemble
 from gitract.cli import run_main
 from gitract.config import load_config
-from gitract.data import resolve_data_dir
-from gitract.distributed import resolve_num_workers
-from gitract.inference import infer_oof, infer_test
+from gitract.data.layout import resolve_data_dir
+from gitract.inference.blend import BlendSpec, blend_spec, read_ensemble
+from gitract.inference.submission import infer_oof, infer_test
+from gitract.training.distributed import resolve_num_workers
 
 
 def parse_args() -> argparse.Namespace:

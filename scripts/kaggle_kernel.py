@@ -31,7 +31,7 @@ COMPETITION = "uw-madison-gi-tract-image-segmentation"
 REQUIRED = ("gitract", "segmentation-models-pytorch")
 MIN_TIMM = (1, 0)
 SEARCH_DEPTH = 4  # input/<dataset>/[<zip folder>/]wheels/gitract-*.whl
-ENSEMBLE_FILE = "ensemble.json"  # gitract.kaggle.ENSEMBLE_FILE
+ENSEMBLE_FILE = "ensemble.json"  # gitract.kaggle.bundle.ENSEMBLE_FILE
 
 
 class KernelError(Exception):
@@ -178,7 +178,7 @@ def ensure_gitract(root: Path, force: bool) -> Path | None:
 def resolve_runs(args: argparse.Namespace, bundle: Path | None):
     """What to predict with: a runs folder (one run, as before), or a BlendSpec (the bundle's
     ensemble.json, several bundled runs, or --runs A B [--weights])."""
-    from gitract.blend import blend_spec, read_ensemble
+    from gitract.inference.blend import blend_spec, read_ensemble
 
     if args.runs:
         runs = [Path(r) for r in args.runs]
@@ -206,10 +206,10 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     wheels = ensure_gitract(root, force=True)
     runs = resolve_runs(args, wheels.parent)
 
-    from gitract.blend import BlendSpec
-    from gitract.distributed import resolve_num_workers
-    from gitract.inference import infer_test
-    from gitract.kaggle import run_config
+    from gitract.inference.blend import BlendSpec
+    from gitract.inference.submission import infer_test
+    from gitract.kaggle.bundle import run_config
+    from gitract.training.distributed import resolve_num_workers
 
     first = runs.members[0].run if isinstance(runs, BlendSpec) else runs
     cfg = run_config(first)
@@ -236,13 +236,13 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         bundle = None if args.runs else (wheels or find_bundle(root / "input")).parent
         runs = resolve_runs(args, bundle)
 
-    from gitract.blend import BlendSpec, MemberSpec
-    from gitract.kaggle import (
+    from gitract.inference.blend import BlendSpec, MemberSpec
+    from gitract.kaggle.bundle import run_config
+    from gitract.kaggle.estimate import (
         estimate_blend,
         estimate_runtime,
         format_blend_estimate,
         format_estimate,
-        run_config,
     )
 
     if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device

@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 
 from gitract.cli import run_main
-from gitract.data import DEFAULT_EXCLUDE, resolve_data_dir
-from gitract.folds import create_folds_file, fold_summary
+from gitract.data.folds import create_folds_file, fold_summary
+from gitract.data.layout import DEFAULT_EXCLUDE, resolve_data_dir
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from gitract.cli import run_main
-from gitract.synthetic import (
+from gitract.data.synthetic import (
     DEFAULT_CASES,
     DEFAULT_SEED,
     DEFAULT_SLICES,

@@ -21,9 +21,9 @@ from scipy.spatial.distance import directed_hausdorff
 from torch.utils.data import Dataset
 
 from gitract.config import DataConfig
-from gitract.data import CLASSES
-from gitract.dataset import slice_offsets
-from gitract.geometry import Letterbox
+from gitract.data.geometry import Letterbox
+from gitract.data.layout import CLASSES
+from gitract.data.slices import slice_offsets
 
 
 def naive_rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
@@ -38,7 +38,7 @@ def naive_rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 class NaiveSliceDataset(Dataset):
-    """The same 2.5D samples as :class:`gitract.dataset.SliceDataset`, the naive way.
+    """The same 2.5D samples as :class:`gitract.data.slices.SliceDataset`, the naive way.
 
     Every item reads its ``n_slices`` PNGs with ``cv2.imread`` (neighbours clamped at the
     case-day's ends), scales them by the stack's own min and max (a naive loader has no

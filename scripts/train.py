@@ -11,7 +11,7 @@ import argparse
 
 from gitract.cli import run_main
 from gitract.config import load_config
-from gitract.engine import fit
+from gitract.training.engine import fit
 
 
 def parse_args() -> argparse.Namespace:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from gitract.cli import run_main
-from gitract.data import read_csv_file, resolve_data_dir, scan_images
+from gitract.data.layout import read_csv_file, resolve_data_dir, scan_images
 from gitract.errors import DataError
-from gitract.visualize import plot_slices, rle_table
+from gitract.scoring.visualize import plot_slices, rle_table
 
 
 def parse_args() -> argparse.Namespace:

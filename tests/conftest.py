@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.data import CLASSES
-from gitract.rle import rle_encode
+from gitract.data.layout import CLASSES
+from gitract.data.rle import rle_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -212,8 +212,8 @@ class SyntheticSet:
 @pytest.fixture(scope="session")
 def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> SyntheticSet:
     """8 cases (6 train, 2 test) of 20-slice days, and 3 folds: ~450 slices in all."""
-    from gitract.folds import create_folds_file
-    from gitract.synthetic import generate
+    from gitract.data.folds import create_folds_file
+    from gitract.data.synthetic import generate
 
     base = tmp_path_factory.mktemp("synthetic")
     summary = generate(base / "data", base / "labels", n_cases=8, n_slices=20, seed=7)

@@ -18,7 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from gitract.blend import (
+from gitract.config import config_to_dict, load_config
+from gitract.data.cache import VolumeCache
+from gitract.data.layout import CLASSES, load_train_table, scan_images
+from gitract.data.rle import rle_decode, rle_encode
+from gitract.errors import CheckpointError, ConfigError
+from gitract.inference.blend import (
     BlendSpec,
     DayPrediction,
     MemberSpec,
@@ -27,13 +32,9 @@ from gitract.blend import (
     load_member,
     read_ensemble,
 )
-from gitract.config import config_to_dict, load_config
-from gitract.data import CLASSES, load_train_table, scan_images
-from gitract.errors import CheckpointError, ConfigError
-from gitract.inference import OOF_PROBS_DIR, Ensemble, encode_volume, infer_oof, infer_test
-from gitract.postprocess import default_params, quantize
-from gitract.rle import rle_decode, rle_encode
-from gitract.volumes import VolumeCache
+from gitract.inference.submission import OOF_PROBS_DIR, encode_volume, infer_oof, infer_test
+from gitract.models.predict2d import Ensemble
+from gitract.postprocess.steps import default_params, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -219,10 +220,10 @@ def _save_run(cfg, model: nn.Module, runs: Path, folds=(0, 1, 2)) -> Path:
 def two_runs(tmp_path_factory):
     """A 2.5D run (demo U-Net at 32x32) and a 3D run (MONAI UNet), 3 folds each."""
     pytest.importorskip(
-        "gitract.model3d", reason="3D members need gitract.model3d (branch model3d)"
+        "gitract.models.monai3d", reason="3D members need gitract.models.monai3d (branch model3d)"
     )
-    from gitract.model import build_model
-    from gitract.model3d import build_model3d
+    from gitract.models.monai3d import build_model3d
+    from gitract.models.smp2d import build_model
 
     base = tmp_path_factory.mktemp("blend_runs")
     cfg2 = load_config(DEMO, FAST_2D)
@@ -283,7 +284,7 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
 
 
 def test_blend_oof_writes_what_the_tuner_reads(two_runs, synthetic_set, tmp_path) -> None:
-    from gitract.tuning import tune_postprocess
+    from gitract.postprocess.tuning import tune_postprocess
 
     run2, run3 = two_runs
     spec = blend_spec([run2, run3], [1, 1], tmp_path / "blend")

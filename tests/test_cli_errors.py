@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.folds import create_folds_file
+from gitract.data.folds import create_folds_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"

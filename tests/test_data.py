@@ -1,4 +1,4 @@
-"""gitract.data: the Kaggle layout, the slice table, and every error a bad download can cause."""
+"""gitract.data.layout: the Kaggle layout, the slice table, and every bad-download error."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract import data
-from gitract.data import (
+from gitract.data import layout as data
+from gitract.data.layout import (
     CLASSES,
     SCAN_COLUMNS,
     DataError,
@@ -22,7 +22,7 @@ from gitract.data import (
     scan_images,
     slice_mask,
 )
-from gitract.rle import rle_encode
+from gitract.data.rle import rle_encode
 
 TABLE_COLUMNS = [*SCAN_COLUMNS, *CLASSES]
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from gitract.config import load_config
-from gitract.data import load_train_table
-from gitract.dataset import (
+from gitract.data.cache import PERCENTILES, VolumeCache
+from gitract.data.layout import load_train_table
+from gitract.data.slices import (
     IntensityJitter,
     RandomWarp,
     SliceDataset,
     build_train_transform,
     slice_offsets,
 )
-from gitract.volumes import PERCENTILES, VolumeCache
 
 ROOT = Path(__file__).resolve().parents[1]
 

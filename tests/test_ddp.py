@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from conftest import needs_torchrun, run_torchrun
 
-from gitract.data import load_train_table
-from gitract.folds import create_folds_file, load_folds
-from gitract.synthetic import generate
+from gitract.data.folds import create_folds_file, load_folds
+from gitract.data.layout import load_train_table
+from gitract.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"

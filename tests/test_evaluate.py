@@ -15,14 +15,19 @@ import pandas as pd
 import pytest
 
 from gitract.config import InferConfig
-from gitract.data import CLASSES, load_train_table
+from gitract.data.layout import CLASSES, load_train_table
+from gitract.data.rle import rle_encode
 from gitract.errors import ConfigError, DataError
-from gitract.inference import encode_volume, load_postprocess
-from gitract.metrics import competition_score
-from gitract.postprocess import ClassPostprocess, default_params, postprocess_volume, quantize
-from gitract.rle import rle_encode
-from gitract.scoring import score_submission
-from gitract.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
+from gitract.inference.submission import encode_volume, load_postprocess
+from gitract.postprocess.steps import (
+    ClassPostprocess,
+    default_params,
+    postprocess_volume,
+    quantize,
+)
+from gitract.postprocess.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
+from gitract.scoring.files import score_submission
+from gitract.scoring.metrics import competition_score
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).

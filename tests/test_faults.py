@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gitract.config import config_to_dict, load_config
-from gitract.inference import find_checkpoints
+from gitract.models.checkpoint import find_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -28,7 +28,7 @@ DEMO = ROOT / "configs" / "demo_cpu.yaml"
 # weights take long enough to write (and fsync) that a kill lands mid-write most of the time.
 WRITER = """
 import sys, torch
-from gitract.checkpoint import save_checkpoint
+from gitract.models.checkpoint import save_checkpoint
 path, start = sys.argv[1], int(sys.argv[2])
 weights = torch.randn(8 * 2**20)
 for i in range(start, start + 10**6):
@@ -73,7 +73,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> 
         assert all(name.startswith(".best.pt.") and name.endswith(".tmp") for name in strays)
 
     # The next complete save sweeps away what the killed writers left (one planted for sure).
-    from gitract.checkpoint import save_checkpoint
+    from gitract.models.checkpoint import save_checkpoint
 
     (run_dir / ".best.pt.99999.tmp").write_bytes(b"half a checkpoint")
     save_checkpoint({"meta": {"step": step}}, path)
@@ -150,7 +150,7 @@ def test_infer_refuses_a_checkpoint_that_carries_code(tiny_kaggle, tmp_path: Pat
 @pytest.mark.parametrize("payload", ["callable", "code"])
 def test_load_checkpoint_refuses_pickled_objects_in_process(tmp_path: Path, payload) -> None:
     from gitract.errors import CheckpointError
-    from gitract.model import load_checkpoint
+    from gitract.models.checkpoint import load_checkpoint
 
     marker = tmp_path / "pwned"
     hook = os.system if payload == "callable" else _RunsCode(marker)

@@ -1,4 +1,4 @@
-"""gitract.folds and scripts/make_folds.py: group by case, stratify on organs, check the file."""
+"""gitract.data.folds and scripts/make_folds.py: group by case, stratify on organs, check it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.data import CLASSES, DataError, load_train_table
-from gitract.folds import (
+from gitract.data.folds import (
     EMPTY_COLUMNS,
     FOLD_COLUMNS,
     create_folds_file,
@@ -22,6 +21,7 @@ from gitract.folds import (
     organ_label,
     write_folds,
 )
+from gitract.data.layout import CLASSES, DataError, load_train_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_folds.py"

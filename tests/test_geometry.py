@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gitract.geometry import Letterbox
+from gitract.data.geometry import Letterbox
 
 REAL_SIZES = [(266, 266), (310, 360), (276, 276), (234, 234)]  # (H, W)
 

@@ -22,28 +22,27 @@ import pytest
 import torch
 from torch import nn
 
-from gitract import inference
 from gitract.config import load_config
-from gitract.data import CLASSES, load_train_table, parse_slice_path, scan_images
-from gitract.engine import fit
+from gitract.data.cache import VolumeCache
+from gitract.data.folds import create_folds_file, load_folds
+from gitract.data.layout import CLASSES, load_train_table, parse_slice_path, scan_images
+from gitract.data.rle import rle_decode, rle_encode
 from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.folds import create_folds_file, load_folds
-from gitract.inference import (
-    Ensemble,
+from gitract.inference import submission as inference
+from gitract.inference.submission import (
     default_output_path,
     encode_volume,
-    find_checkpoints,
     infer_test,
     load_postprocess,
     params_from_config,
-    predict_slices,
     predict_volumes,
     read_sample_submission,
     write_submission,
 )
-from gitract.postprocess import ClassPostprocess, default_params
-from gitract.rle import rle_decode, rle_encode
-from gitract.volumes import VolumeCache
+from gitract.models.checkpoint import find_checkpoints
+from gitract.models.predict2d import Ensemble, predict_slices
+from gitract.postprocess.steps import ClassPostprocess, default_params
+from gitract.training.engine import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"

@@ -23,21 +23,20 @@ import pytest
 import torch
 
 from gitract.config import load_config
-from gitract.data import scan_images
-from gitract.engine import fit
+from gitract.data.layout import scan_images
+from gitract.data.rle import rle_decode
 from gitract.errors import CheckpointError, GitractError
-from gitract.inference import infer_test
-from gitract.kaggle import (
+from gitract.inference.submission import infer_test
+from gitract.kaggle.bundle import (
     COMPETITION,
     MANIFEST,
-    RuntimeEstimate,
     build_bundle,
     fetch_wheel,
-    format_estimate,
     notebook_from_script,
     run_config,
 )
-from gitract.rle import rle_decode
+from gitract.kaggle.estimate import RuntimeEstimate, format_estimate
+from gitract.training.engine import fit
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = REPO / "scripts" / "kaggle_kernel.py"
@@ -485,9 +484,11 @@ TINY_3D = [
 @pytest.fixture(scope="module")
 def run_3d(tmp_path_factory) -> Path:
     """runs/tiny3d, folds 0 and 1: random-init MONAI UNets saved as engine saves best.pt."""
-    pytest.importorskip("gitract.model3d", reason="3D runs need gitract.model3d (branch model3d)")
+    pytest.importorskip(
+        "gitract.models.monai3d", reason="3D runs need gitract.models.monai3d (branch model3d)"
+    )
     from gitract.config import config_to_dict
-    from gitract.model3d import build_model3d
+    from gitract.models.monai3d import build_model3d
 
     cfg = load_config(REPO / "configs" / "demo_cpu.yaml", TINY_3D)
     runs = tmp_path_factory.mktemp("kaggle_3d") / "tiny3d"
@@ -502,7 +503,7 @@ def run_3d(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def blend_bundle(trained_runs, run_3d, wheel_cache, tmp_path_factory):
-    from gitract.blend import blend_spec
+    from gitract.inference.blend import blend_spec
 
     base = tmp_path_factory.mktemp("kaggle_blend")
     spec = blend_spec([trained_runs, run_3d], [0.7, 0.3], base / "blend")
@@ -586,7 +587,7 @@ def test_sliding_window_tiles_match_monai():
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    from gitract.kaggle import sliding_window_tiles
+    from gitract.kaggle.estimate import sliding_window_tiles
 
     for shape, patch, overlap in [
         ((144, 256, 256), (80, 160, 160), 0.5), ((80, 256, 256), (80, 160, 160), 0.5),
@@ -600,7 +601,7 @@ def test_sliding_window_tiles_match_monai():
 
 
 def test_count_flops_of_a_known_convolution():
-    from gitract.kaggle import count_flops
+    from gitract.kaggle.estimate import count_flops
 
     conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
     assert count_flops(conv, (1, 3, 10, 10)) == 2 * 8 * 3 * 9 * 100  # 2 x multiply-adds

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gitract.errors import ConfigError
-from gitract.losses import DiceBCELoss, build_loss, dice_bce_loss
+from gitract.models.losses import DiceBCELoss, build_loss, dice_bce_loss
 
 
 def _targets(seed: int = 0) -> torch.Tensor:

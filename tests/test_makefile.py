@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gitract.synthetic import MARKER
+from gitract.data.synthetic import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 

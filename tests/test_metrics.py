@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from gitract import metrics
-from gitract.data import CLASSES
+from gitract.data.layout import CLASSES
+from gitract.data.rle import rle_encode
 from gitract.errors import DataError
-from gitract.metrics import (
+from gitract.scoring import metrics
+from gitract.scoring.metrics import (
     SegMetricAccumulator,
     competition_score,
     dice_2d,
     dice_iou_per_class,
     hausdorff_3d,
 )
-from gitract.rle import rle_encode
 
 SQRT3 = math.sqrt(3.0)
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real"

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gitract import model as model_mod
 from gitract.config import Config, ModelConfig, config_to_dict, load_config
 from gitract.errors import CheckpointError, ConfigError
-from gitract.model import build_model, load_checkpoint, load_model_from_checkpoint
+from gitract.models import smp2d as model_mod
+from gitract.models.checkpoint import load_checkpoint
+from gitract.models.smp2d import build_model, load_model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights=None)

@@ -13,13 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gitract.config import CONFIG_DIR, DataConfig, InferConfig, ModelConfig, load_config
-from gitract.data import load_train_table
+from gitract.data.cache import VolumeCache
+from gitract.data.folds import load_folds
+from gitract.data.layout import load_train_table
+from gitract.data.patches import PatchDataset, case_day_ids, load_volume
 from gitract.errors import ConfigError, DataError
-from gitract.folds import load_folds
-from gitract.infer3d import predict_volume3d
-from gitract.model3d import build_model3d, check_patch_size
-from gitract.volume3d import PatchDataset, case_day_ids, load_volume
-from gitract.volumes import VolumeCache
+from gitract.models.monai3d import build_model3d, check_patch_size
+from gitract.models.predict3d import predict_volume3d
 
 CPU = torch.device("cpu")
 EPOCHS = 4  # of the learning test

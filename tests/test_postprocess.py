@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gitract.postprocess import (
+from gitract.postprocess.steps import (
     ClassPostprocess,
     binarize,
     drop_short_runs,

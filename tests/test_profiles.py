@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from gitract.data import CLASSES
+from gitract.data.layout import CLASSES
+from gitract.data.rle import rle_encode
 from gitract.errors import ConfigError
-from gitract.metrics import (
+from gitract.scoring.metrics import (
     PROFILES,
     VolumeScoreAccumulator,
     classic_metrics,
@@ -22,7 +23,6 @@ from gitract.metrics import (
     mlebench_view,
     volume_terms,
 )
-from gitract.rle import rle_encode
 
 SQRT3 = math.sqrt(3.0)
 
@@ -83,7 +83,7 @@ def _reference_mlebench(sub: pd.DataFrame, answers: pd.DataFrame) -> float:
 
 
 def _reference_kaggle(pred: dict, truth: dict) -> float:
-    """The kaggle profile (gitract.metrics' docstring) by brute force: both-empty rows score 1,
+    """The kaggle profile (scoring.metrics' docstring) by brute force: both-empty rows score 1,
     Hausdorff per (case-day, class), both-empty volumes skipped, one empty 1."""
     dice, hds = [], []
     for day in pred:

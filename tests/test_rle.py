@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.rle import RLEError, rle_decode, rle_decode_many, rle_encode
+from gitract.data.rle import RLEError, rle_decode, rle_decode_many, rle_encode
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.data import CLASSES, parse_slice_path
+from gitract.data.layout import CLASSES, parse_slice_path
+from gitract.data.rle import rle_decode
+from gitract.data.synthetic import MARKER, SIZES, generate, short_day_slices
 from gitract.errors import ConfigError, DataError
-from gitract.rle import rle_decode
-from gitract.synthetic import MARKER, SIZES, generate, short_day_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_synthetic.py"

@@ -16,10 +16,10 @@ import torch
 from conftest import needs_torchrun, run_torchrun
 
 from gitract.config import load_config
-from gitract.data import CLASSES, load_train_table
-from gitract.engine import fit, lr_at
+from gitract.data.folds import load_folds
+from gitract.data.layout import CLASSES, load_train_table
 from gitract.errors import TrainingError
-from gitract.folds import load_folds
+from gitract.training.engine import fit, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -136,8 +136,8 @@ def test_resume_refuses_a_changed_recipe(synthetic_set, tmp_path: Path) -> None:
 def test_resume_on_amp_after_a_run_without_a_scaler(synthetic_set, tmp_path: Path) -> None:
     """A CPU (or amp: false) run's last.pt has an empty scaler state; an fp16 run resuming it
     starts a fresh scaler instead of dying in GradScaler.load_state_dict."""
-    from gitract.model import build_model
-    from gitract.train_state import TrainState
+    from gitract.models.smp2d import build_model
+    from gitract.training.state import TrainState
 
     cfg = load_config(DEMO, FAST)
     model = build_model(cfg.model, in_channels=3)
@@ -169,7 +169,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(
 ) -> None:
     """Every step NaN: the first ones are skipped (weights untouched), and the run stops with
     one clear error once train.max_bad_steps of them come in a row."""
-    import gitract.engine as engine
+    import gitract.training.engine as engine
 
     class NaNLoss(torch.nn.Module):
         def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(
 def test_a_non_finite_step_is_skipped_and_training_goes_on(
     synthetic_set, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    import gitract.engine as engine
+    import gitract.training.engine as engine
 
     real = engine.build_loss
 
@@ -283,7 +283,7 @@ def test_each_process_builds_its_share_of_the_cache_before_the_process_group(
     """No rank may sit in a collective while the (real-data: ~8 GB) cache is written, or NCCL's
     watchdog kills it: every process builds its share, then opens the whole cache, all before
     the process group exists."""
-    import gitract.engine as engine
+    import gitract.training.engine as engine
 
     built: list[list[str]] = []
 
@@ -361,9 +361,9 @@ def test_ema_weights_are_validated_saved_and_resumed_under_torchrun(
 
 
 def test_positive_slices_only_when_asked(synthetic_set) -> None:
-    import gitract.engine as engine
-    from gitract.distributed import DistContext
-    from gitract.volumes import VolumeCache
+    import gitract.training.engine as engine
+    from gitract.data.cache import VolumeCache
+    from gitract.training.distributed import DistContext
 
     table = load_folds(synthetic_set.folds_csv, load_train_table(synthetic_set.root))
     train_df, val_df = table[table["fold"] != 0], table[table["fold"] == 0]
@@ -381,7 +381,8 @@ def test_positive_slices_only_when_asked(synthetic_set) -> None:
 def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Path) -> None:
     """model.aux_head: the per-slice "organ present" head trains beside the masks (BCE on slice
     presence) and beats always answering the majority on held-out cases."""
-    from gitract.model import load_checkpoint, load_model_from_checkpoint
+    from gitract.models.checkpoint import load_checkpoint
+    from gitract.models.smp2d import load_model_from_checkpoint
 
     cfg = load_config(
         DEMO, [*FAST, "train.epochs=4", "model.aux_head=true", "train.aux_weight=0.5"]
@@ -398,7 +399,7 @@ def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Pat
 
 
 def test_each_rank_gets_its_own_random_streams_back() -> None:
-    from gitract.train_state import capture_rng, restore_rng
+    from gitract.training.state import capture_rng, restore_rng
 
     states = []
     for seed in (1, 2):

@@ -11,11 +11,11 @@ import torch
 from conftest import needs_torchrun, run_torchrun
 
 from gitract.config import load_config
-from gitract.data import CLASSES, load_train_table
-from gitract.engine import fit
-from gitract.folds import load_folds
-from gitract.metrics import VolumeScoreAccumulator
-from gitract.rle import rle_decode
+from gitract.data.folds import load_folds
+from gitract.data.layout import CLASSES, load_train_table
+from gitract.data.rle import rle_decode
+from gitract.scoring.metrics import VolumeScoreAccumulator
+from gitract.training.engine import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_3D = ROOT / "configs" / "demo_cpu_3d.yaml"

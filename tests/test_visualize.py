@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from gitract.visualize import COLOURS, overlay
+from gitract.scoring.visualize import COLOURS, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 

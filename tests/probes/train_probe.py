@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-import gitract.engine as engine
+import gitract.training.engine as engine
 
 ROOT = Path(__file__).resolve().parents[2]
 rank = int(os.environ.get("RANK", "0"))

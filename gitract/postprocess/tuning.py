@@ -1,11 +1,11 @@
 """Post-processing search on out-of-fold probabilities, for a chosen metric profile.
 
 ``infer.py --oof`` leaves each case-day's quantised probabilities in ``<runs>/oof_probs/``.
-The search is coordinate descent over the steps of gitract.postprocess, one class and one
+The search is coordinate descent over the steps of gitract.postprocess.steps, one class and one
 step at a time, each step over a small grid, the others held where they are; a setting is
 taken only if it raises the score. Three results are reported, each scored exactly as
 inference reproduces it (``postprocess_volume`` on the same quantised probabilities, then the
-profile's :class:`~gitract.metrics.VolumeScoreAccumulator` over the case-days in (case, day)
+profile's :class:`~gitract.scoring.metrics.VolumeScoreAccumulator` over the case-days in (case, day)
 order, the order ``evaluate.py`` adds them in):
 
 - ``untuned``: threshold 0.5, every other step off;
@@ -40,25 +40,25 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gitract.atomic import write_text_atomic
-from gitract.data import CLASSES, slice_mask
+from gitract.data.layout import CLASSES, slice_mask
 from gitract.errors import ConfigError, DataError
-from gitract.metrics import (
-    N_TERMS,
-    VolumeScoreAccumulator,
-    _directed,  # the exact truth -> prediction distance pass of hausdorff_3d
-    check_profile,
-    hausdorff_mlebench,
-    mlebench_view,
-    terms_summary,
-    volume_terms,
-)
-from gitract.postprocess import (
+from gitract.postprocess.steps import (
     STEP_NAMES,
     ClassPostprocess,
     postprocess_volume,
     remove_small_volumes,
     slice_flags,
     threshold_class,
+)
+from gitract.scoring.metrics import (
+    N_TERMS,
+    VolumeScoreAccumulator,
+    _directed,
+    check_profile,
+    hausdorff_mlebench,
+    mlebench_view,
+    terms_summary,
+    volume_terms,
 )
 
 __all__ = [

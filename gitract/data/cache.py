@@ -24,9 +24,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path, write_text_atomic
-from gitract.data import CLASSES, read_slice, slice_mask
+from gitract.data.layout import CLASSES, read_slice, slice_mask
 from gitract.errors import DataError, RLEError
-from gitract.rle import rle_decode_many
+from gitract.data.rle import rle_decode_many
 
 __all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir"]
 
@@ -99,7 +99,7 @@ def _save(path: Path, array: np.ndarray) -> None:
 class VolumeCache:
     """Slices and masks of the case-days in ``table``, read from an on-disk cache.
 
-    ``table`` is a slice table (``gitract.data.load_train_table`` or ``scan_images``); with
+    ``table`` is a slice table (``gitract.data.layout.load_train_table`` or ``scan_images``); with
     ``with_masks`` it must carry the RLE columns. Missing cache entries are built on creation.
     The object pickles cheaply (metadata only), so DataLoader workers can share it.
     """

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gitract.dataset import SliceDataset
-from gitract.metrics import VolumeScoreAccumulator
-from gitract.volumes import VolumeCache
+from gitract.data.cache import VolumeCache
+from gitract.data.slices import SliceDataset
+from gitract.scoring.metrics import VolumeScoreAccumulator
 
 __all__ = ["VolumeScorer", "shard_case_days"]
 

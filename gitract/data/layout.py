@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gitract.errors import DataError, RLEError
-from gitract.rle import rle_decode
+from gitract.data.rle import rle_decode
 
 __all__ = [
     "CLASSES",

@@ -16,30 +16,24 @@ stock Kaggle image may lack is therefore shipped as a Kaggle *dataset* (the bund
 
 The kernel installs with ``pip install --no-index --no-deps``: only the bundled wheels, never
 the network, and never a second torch pulled in by a dependency resolver.
-
-The runtime estimate times the real inference path (:class:`gitract.inference.Ensemble`) on the
-device at hand and scales it to the hidden test: folds x views x slices forward passes.
 """
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gitract.config import Config, load_config
+from gitract.config import Config
 from gitract.errors import CheckpointError, GitractError
 
 # torch and the gitract modules that import it (inference, blend, model, model3d) are imported
@@ -52,23 +46,14 @@ __all__ = [
     "MANIFEST",
     "WHEELS_3D",
     "BundleInfo",
-    "MemberEstimate",
-    "RuntimeEstimate",
     "build_bundle",
     "build_gitract_wheel",
     "collect_runs",
-    "count_flops",
-    "estimate_blend",
-    "format_blend_estimate",
     "dataset_metadata",
-    "estimate_runtime",
     "fetch_wheel",
-    "format_estimate",
     "kernel_metadata",
-    "measure_throughput",
     "notebook_from_script",
     "run_config",
-    "sliding_window_tiles",
 ]
 
 COMPETITION = "uw-madison-gi-tract-image-segmentation"
@@ -198,7 +183,7 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
             f"{runs}: no <fold>/best.pt inside; point --runs at runs/<config name> "
             "after training (python scripts/train.py --fold 0)"
         )
-    from gitract.inference import POSTPROCESS_FILE
+    from gitract.inference.submission import POSTPROCESS_FILE
 
     dest.mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
@@ -213,8 +198,7 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
 
 def run_config(runs: Path) -> Config:
     """The resolved config of a runs folder: that of its first fold (``run_config_of``)."""
-    from gitract.blend import run_config_of
-    from gitract.inference import find_checkpoints
+    from gitract.models.checkpoint import find_checkpoints, run_config_of
 
     return run_config_of(find_checkpoints(runs)[0])
 
@@ -297,7 +281,7 @@ def _replace_dir(staged: Path, target: Path) -> None:
 
 def _blend_members(runs) -> tuple[list, Path | None]:
     """(member specs, the blend's folder) of a BlendSpec or a list of runs folders."""
-    from gitract.blend import BlendSpec, blend_spec
+    from gitract.inference.blend import BlendSpec, blend_spec
 
     spec = runs if isinstance(runs, BlendSpec) else blend_spec([Path(r) for r in runs])
     return list(spec.members), spec.dir
@@ -308,7 +292,7 @@ def _is_3d(run: Path) -> bool:
 
 
 def build_bundle(
-    runs,  # Path (one run) | Sequence[Path] | gitract.blend.BlendSpec (a blend)
+    runs,  # Path (one run) | Sequence[Path] | gitract.inference.blend.BlendSpec (a blend)
     out: Path,
     source: Path,
     *,
@@ -322,7 +306,7 @@ def build_bundle(
     kernel ``source/scripts/kaggle_kernel.py`` as script and notebook).
 
     ``runs``: one runs folder (``runs/<name>/`` as it is, with its postprocess.json), or a
-    blend (several runs folders with equal weights, or a :class:`~gitract.blend.BlendSpec`):
+    blend (several runs folders with equal weights, or a ``BlendSpec``):
     every member's folds under ``runs/<name>/``, ``ensemble.json`` (members and weights) and
     the blend's ``postprocess.json`` (``postprocess``, else the one in the blend's folder) at
     the top. Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, plus
@@ -341,7 +325,7 @@ def build_bundle(
         if len(set(names)) != len(names):
             raise GitractError(f"blend: two runs share a folder name ({', '.join(names)})")
         if postprocess is None and blend_dir is not None:
-            from gitract.inference import POSTPROCESS_FILE
+            from gitract.inference.submission import POSTPROCESS_FILE
 
             found = blend_dir / POSTPROCESS_FILE
             postprocess = found if found.is_file() else None
@@ -419,268 +403,3 @@ def build_bundle(
         folds,
         dataset_dir / ENSEMBLE_FILE if blend else None,
     )
-
-
-# --------------------------------------------------------------------------- runtime estimate
-
-
-@dataclass(frozen=True)
-class RuntimeEstimate:
-    """Forward passes of the hidden test and the wall time they take at the measured speed."""
-
-    slices: int
-    folds: int
-    views: int
-    images_per_second: float
-    device: str
-    batch_size: int
-    img_size: tuple[int, int]
-    model: str
-
-    @property
-    def forward_passes(self) -> int:
-        return self.slices * self.folds * self.views
-
-    @property
-    def seconds(self) -> float:
-        return self.forward_passes / self.images_per_second
-
-
-def measure_throughput(ensemble, batch_size: int, batches: int = 3) -> float:
-    """Images per second of ``ensemble.predict`` (one model, no TTA: one forward pass per
-    image) on random inputs of the configured size, after one warm-up batch."""
-    import torch
-
-    data = ensemble.data_config
-    height, width = data.img_size
-    images = torch.rand(batch_size, data.in_channels, height, width)
-    ensemble.predict(images)  # warm-up: cuDNN autotuning, lazy allocations
-    if ensemble.device.type == "cuda":
-        torch.cuda.synchronize(ensemble.device)
-    start = time.perf_counter()
-    for _ in range(batches):
-        ensemble.predict(images)
-    if ensemble.device.type == "cuda":
-        torch.cuda.synchronize(ensemble.device)
-    return batch_size * batches / (time.perf_counter() - start)
-
-
-def _random_init_2d(cfg: Config):
-    """The 2.5D network of ``cfg`` without pretrained weights (nothing to download): for
-    timing and FLOP counts only."""
-    from gitract.model import build_model
-
-    model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
-    return build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
-
-
-def estimate_runtime(
-    slices: int,
-    runs: Path | None = None,
-    config: Path | None = None,
-    *,
-    folds: int | None = None,
-    batch_size: int | None = None,
-    batches: int = 3,
-    device=None,
-) -> RuntimeEstimate:
-    """Time one model of ``runs`` (or, random-init, of ``config``) and scale to ``slices``
-    x folds x TTA views. Folds: ``folds``, else the runs' count, else 5 for a config. The batch
-    is the config's ``infer.batch_size`` on a GPU, 2 on a CPU (a B7 batch of 32 takes minutes)."""
-    import torch
-
-    from gitract.inference import Ensemble, find_checkpoints
-    from gitract.model import load_checkpoint, load_model_from_checkpoint
-
-    if slices < 1 or batches < 1:
-        raise GitractError(f"--slices and --batches must be >= 1, got {slices}, {batches}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if runs is not None:
-        paths = find_checkpoints(runs)
-        model, cfg = load_model_from_checkpoint(load_checkpoint(paths[0]), source=str(paths[0]))
-        n_folds = folds or len(paths)
-    elif config is not None:
-        cfg = load_config(config)
-        model = _random_init_2d(cfg)
-        n_folds = folds or 5
-    else:
-        raise GitractError("estimate: give --runs (trained folds) or --config")
-    model = model.to(device).eval()
-    on_cuda = device.type == "cuda"
-    channels_last = on_cuda and cfg.train.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ensemble = Ensemble([model], [cfg], device, (), on_cuda and cfg.train.amp, channels_last)
-    batch = batch_size or (cfg.infer.batch_size if on_cuda else 2)
-    speed = measure_throughput(ensemble, batch, batches)
-    name = f"{cfg.model.arch}/{cfg.model.encoder_name}"
-    if on_cuda:
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"cpu ({torch.get_num_threads()} threads)"
-    return RuntimeEstimate(
-        slices,
-        n_folds,
-        1 + len(cfg.infer.tta_flips),
-        speed,
-        device_name,
-        batch,
-        (cfg.data.img_size[0], cfg.data.img_size[1]),
-        name,
-    )
-
-
-def format_estimate(est: RuntimeEstimate, limit_hours: float = 9.0) -> str:
-    """Human-readable estimate, with the arithmetic spelled out and the 9-hour limit checked."""
-    hours = est.seconds / 3600
-    verdict = "fits" if hours <= limit_hours else "does NOT fit"
-    h, w = est.img_size
-    return "\n".join(
-        [
-            f"model            {est.model} at {h}x{w}, batch {est.batch_size}, on {est.device}",
-            f"measured         {est.images_per_second:.2f} images/s (one forward pass each)",
-            f"forward passes   {est.slices} slices x {est.folds} folds x {est.views} views "
-            f"= {est.forward_passes}",
-            f"expected time    {est.forward_passes} / {est.images_per_second:.2f} = "
-            f"{est.seconds:.0f} s = {hours:.2f} h (model only; PNG decoding and RLE overlap "
-            "with it in DataLoader workers)",
-            f"kaggle limit     {limit_hours:g} h: {verdict}",
-        ]
-    )
-
-
-# ------------------------------------------------------------------- FLOP estimate of a blend
-
-#: Assumed effective T4 throughput (fp16 autocast), TFLOP/s, per kind of member: an assumption,
-#: not a measurement (no T4 here). 2.5D: EfficientNet's depthwise convolutions are memory-bound
-#: (~1.4 TFLOP/s, the README's figure for a B7 U-Net at batch 32). 3D: dense 3x3x3 convolutions
-#: run on the tensor cores (T4 peak 65 TFLOP/s fp16); ~8 TFLOP/s, about an eighth of the peak.
-ASSUMED_T4_TFLOPS: dict[str, float] = {"2.5d": 1.4, "3d": 8.0}
-
-
-@dataclass(frozen=True)
-class MemberEstimate:
-    """Forward passes and FLOPs of one member of a blend on the hidden test."""
-
-    name: str
-    kind: str
-    model: str
-    input_shape: tuple[int, ...]  # of one forward pass (batch 1)
-    passes_per_view: int  # 2.5D: slices; 3D: sliding-window tiles over all case-days
-    folds: int
-    views: int
-    gflops_per_pass: float
-    weight: float = 1.0
-
-    @property
-    def forward_passes(self) -> int:
-        return self.passes_per_view * self.folds * self.views
-
-    @property
-    def flops(self) -> float:
-        return self.forward_passes * self.gflops_per_pass * 1e9
-
-
-def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
-    """Windows MONAI's ``sliding_window_inference`` runs over a volume of ``shape``: per axis,
-    a stride of ``int(patch * (1 - overlap))`` (at least 1; the whole patch where the axis
-    equals it) and as many windows as it takes for the last to reach the end (one where the
-    axis is no longer than the patch: the volume is padded)."""
-    tiles = 1
-    for size, roi in zip(shape, patch, strict=True):
-        if size <= roi:
-            continue
-        stride = max(int(roi * (1 - overlap)), 1)
-        tiles *= math.ceil((size - roi) / stride) + 1
-    return tiles
-
-
-def count_flops(model, input_shape: tuple[int, ...]) -> float:
-    """FLOPs of one forward pass at ``input_shape`` (``torch.utils.flop_counter``), counted on
-    the meta device: shapes only, no arithmetic, so a B7 or a 3D SegResNet takes seconds."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    meta = copy.deepcopy(model).to("meta").eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta(torch.empty(*input_shape, device="meta"))
-    return float(counter.get_total_flops())
-
-
-def estimate_blend(
-    members,  # Sequence[gitract.blend.MemberSpec]
-    slices: int,
-    case_days: int,
-    folds: int | None = None,
-) -> list[MemberEstimate]:
-    """Per member: forward passes on a hidden test of ``slices`` slices in ``case_days``
-    case-days (3D: each case-day ``slices / case_days`` deep, rounded up) and FLOPs per pass,
-    from the config of its first checkpoint (random-init network of that config: no weights
-    loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
-    from gitract.blend import run_config_of
-    from gitract.inference import find_checkpoints
-
-    if slices < 1 or case_days < 1:
-        raise GitractError(f"--slices and --case-days must be >= 1, got {slices}, {case_days}")
-    out = []
-    for member in members:
-        paths = find_checkpoints(member.run)
-        cfg = run_config_of(paths[0])
-        views = 1 + len(cfg.infer.tta_flips)
-        kind = cfg.model.kind
-        if kind == "3d":
-            from gitract.model3d import build_model3d
-
-            model = build_model3d(cfg.model)
-            patch = tuple(int(s) for s in cfg.data.patch_size)
-            depth = math.ceil(slices / case_days)
-            grid = (depth, int(cfg.data.grid_hw[0]), int(cfg.data.grid_hw[1]))
-            passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
-            shape, name = (1, 1, *patch), f"{cfg.model.arch} {cfg.model.init_filters} filters"
-        else:
-            model = _random_init_2d(cfg)
-            shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
-            passes, name = slices, f"{cfg.model.arch}/{cfg.model.encoder_name}"
-        gflops = count_flops(model, shape) / 1e9
-        n_folds = folds or len(paths)
-        out.append(
-            MemberEstimate(
-                member.run.name, kind, name, shape, passes, n_folds, views, gflops, member.weight
-            )
-        )
-    return out
-
-
-def format_blend_estimate(
-    estimates: list[MemberEstimate],
-    slices: int,
-    case_days: int,
-    tflops: dict[str, float] | None = None,
-    limit_hours: float = 9.0,
-) -> str:
-    """The FLOP arithmetic per member and in all, against the 9-hour limit, at the assumed T4
-    throughputs (labelled as an estimate)."""
-    tflops = {**ASSUMED_T4_TFLOPS, **(tflops or {})}
-    lines = [
-        f"FLOP estimate (an estimate, not a measurement): {slices} slices in {case_days} "
-        f"case-days, assumed T4 effective throughput "
-        + ", ".join(f"{k} {v:g} TFLOP/s" for k, v in tflops.items())
-    ]
-    total = 0.0
-    for est in estimates:
-        seconds = est.flops / (tflops[est.kind] * 1e12)
-        total += seconds
-        unit = "slices" if est.kind != "3d" else "tiles"
-        lines.append(
-            f"  {est.name} ({est.kind}, {est.model}, input {'x'.join(map(str, est.input_shape))}"
-            f", weight {est.weight:g}): {est.passes_per_view} {unit} x {est.folds} folds x "
-            f"{est.views} views = {est.forward_passes} passes x {est.gflops_per_pass:.1f} GFLOPs"
-            f" = {est.flops / 1e15:.2f} PFLOPs -> {seconds:.0f} s = {seconds / 3600:.2f} h"
-        )
-    hours = total / 3600
-    verdict = "fits" if hours <= limit_hours else "does NOT fit"
-    lines.append(
-        f"  blend total: {total:.0f} s = {hours:.2f} h of model time; "
-        f"kaggle limit {limit_hours:g} h: {verdict}"
-    )
-    return "\n".join(lines)

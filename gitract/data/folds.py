@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from gitract.atomic import atomic_path
-from gitract.data import CLASSES, DEFAULT_EXCLUDE, load_train_table, read_csv_file
+from gitract.data.layout import CLASSES, DEFAULT_EXCLUDE, load_train_table, read_csv_file
 from gitract.errors import DataError
 
 __all__ = [

@@ -34,9 +34,9 @@ import numpy as np
 from scipy.interpolate import CubicSpline
 
 from gitract.atomic import write_text_atomic
-from gitract.data import CLASSES, DEFAULT_EXCLUDE
+from gitract.data.layout import CLASSES, DEFAULT_EXCLUDE
 from gitract.errors import ConfigError, DataError
-from gitract.rle import rle_encode
+from gitract.data.rle import rle_encode
 
 __all__ = [
     "DEFAULT_CASES",

@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from gitract.data import CLASSES
+from gitract.data.layout import CLASSES
+from gitract.data.rle import rle_decode
 from gitract.errors import ConfigError, DataError, RLEError
-from gitract.rle import rle_decode
 
 __all__ = [
     "N_TERMS",

@@ -2,9 +2,9 @@
 
 The 3D network sees a case-day as one (D, gH, gW) volume: every slice, in slice order, resized
 from its native H x W (266x266, 310x360, ...) to the grid ``data.grid_hw``, with the same
-per-case-day intensity normalisation as the 2.5D samples (:class:`~gitract.volumes.VolumeCache`).
+per-case-day intensity normalisation as the 2.5D samples (:class:`~gitract.data.cache.VolumeCache`).
 Resizing to one grid (rather than padding) lets all case-days share one patch size and puts the
-organs at similar pixel scales; :func:`gitract.infer3d.predict_volume3d` resizes back.
+organs at similar pixel scales; :func:`gitract.models.predict3d.predict_volume3d` resizes back.
 
 Training patches are read straight from the on-disk cache, only the ``pD`` slices a patch needs,
 so nothing is held in RAM between items and the dataset pickles to DataLoader workers as
@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from gitract.config import DataConfig
-from gitract.data import CLASSES
+from gitract.data.layout import CLASSES
 from gitract.errors import ConfigError, DataError
-from gitract.volumes import VolumeCache
+from gitract.data.cache import VolumeCache
 
 __all__ = ["PatchDataset", "case_day_ids", "load_volume"]
 

@@ -10,20 +10,10 @@ matplotlib.use("Agg")  # no display on servers, CI or Kaggle
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from gitract.atomic import atomic_path  # noqa: E402
-from gitract.data import CLASSES  # noqa: E402
+from gitract.data.layout import CLASSES  # noqa: E402
+from gitract.scoring.visualize import save_figure  # noqa: E402
 
-__all__ = ["plot_curves", "save_figure"]
-
-
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
-    """Write a figure atomically and close it (figures otherwise pile up in memory)."""
-    path = Path(path)
-    try:
-        with atomic_path(path, suffix=path.suffix) as tmp:  # savefig reads the format from it
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+__all__ = ["plot_curves"]
 
 
 def plot_curves(history: pd.DataFrame, path: str | Path) -> None:

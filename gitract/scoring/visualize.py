@@ -14,16 +14,26 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from gitract.data import CLASSES, read_slice  # noqa: E402
+from gitract.atomic import atomic_path  # noqa: E402
+from gitract.data.layout import CLASSES, read_slice  # noqa: E402
+from gitract.data.rle import rle_decode  # noqa: E402
 from gitract.errors import DataError  # noqa: E402
-from gitract.metrics import dice_2d  # noqa: E402
-from gitract.plots import save_figure  # noqa: E402
-from gitract.rle import rle_decode  # noqa: E402
+from gitract.scoring.metrics import dice_2d  # noqa: E402
 
-__all__ = ["COLOURS", "overlay", "plot_slices", "rle_table"]
+__all__ = ["COLOURS", "overlay", "plot_slices", "rle_table", "save_figure"]
 
 # One colour per organ, in CLASSES order (RGB in [0, 1]).
 COLOURS = np.array([[1.0, 0.85, 0.1], [0.1, 0.8, 0.3], [0.9, 0.2, 0.2]])
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> None:
+    """Write a figure atomically and close it (figures otherwise pile up in memory)."""
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=path.suffix) as tmp:  # savefig reads the format from it
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from gitract.data import read_csv_file, scan_images
+from gitract.data.layout import read_csv_file, scan_images
 from gitract.errors import DataError
-from gitract.metrics import PROFILES, check_profile, competition_score
+from gitract.scoring.metrics import PROFILES, check_profile, competition_score
 
 __all__ = ["score_submission", "read_labels", "score_profiles"]
 

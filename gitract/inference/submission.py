@@ -4,7 +4,7 @@ slice's own size, RLE, and exactly the rows of ``sample_submission.csv``.
 Probabilities are averaged on the model's canvas, taken back to the slice's H x W *before*
 the threshold (bilinear when the canvas was scaled; a plain crop for the default 320x384 pad),
 quantised to uint8 as the OOF files keep them, and post-processed one whole case-day at a time
-(gitract.postprocess: threshold, 2D and 3D component filters, slice gate, z-continuity). Each
+(gitract.postprocess.steps: threshold, 2D and 3D component filters, slice gate, z-continuity). Each
 case-day is encoded to RLE as soon as its last slice is predicted, so memory holds one volume,
 whatever the size of the test set.
 """
@@ -14,40 +14,34 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path
-from gitract.config import Config, DataConfig, InferConfig, PostprocessConfig
-from gitract.data import CLASSES, KAGGLE_INPUT, load_train_table, read_csv_file, scan_images
-from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.postprocess import ClassPostprocess, postprocess_volume, quantize
-from gitract.rle import rle_encode
-from gitract.volumes import VolumeCache
+from gitract.config import Config, InferConfig, PostprocessConfig
+from gitract.data.cache import VolumeCache
+from gitract.data.layout import CLASSES, KAGGLE_INPUT, load_train_table, read_csv_file, scan_images
+from gitract.data.rle import rle_encode
+from gitract.errors import DataError
+from gitract.models.checkpoint import find_checkpoints
+from gitract.postprocess.steps import ClassPostprocess, postprocess_volume, quantize
 
-if TYPE_CHECKING:  # gitract.blend imports this module
-    from gitract.blend import BlendSpec
+if TYPE_CHECKING:  # imported where used, see below
+    from gitract.inference.blend import BlendSpec
 
 __all__ = [
     "OOF_PROBS_DIR",
     "POSTPROCESS_FILE",
-    "Ensemble",
     "default_output_path",
-    "find_checkpoints",
     "encode_volume",
     "infer_oof",
     "infer_test",
     "load_postprocess",
     "params_from_config",
-    "predict_slices",
     "predict_volumes",
     "read_sample_submission",
     "write_submission",
@@ -58,15 +52,9 @@ POSTPROCESS_FILE = "postprocess.json"
 # Where ``infer.py --oof`` leaves each case-day's probabilities for ``evaluate.py --tune``.
 OOF_PROBS_DIR = "oof_probs"
 KAGGLE_WORKING = Path("/kaggle/working")
-# The input settings every model of an ensemble must share: they decide what a sample is.
-INPUT_KEYS = ("n_slices", "slice_stride", "img_size", "resize_mode", "z_channel")
-# TTA views: the tensor dimensions each flip reverses (on (N, C, H, W)).
-FLIP_DIMS = {"hflip": (-1,), "vflip": (-2,)}
-
-# gitract.model (smp, timm, torchvision), gitract.dataset (albumentations) and gitract.blend
-# (which imports this module, and gitract.model) are imported where they are used: the empty
-# public re-run and bad-input errors then answer in the time torch alone takes to import,
-# without the ~3 s of the model stack.
+# gitract.inference.blend (the smp, timm and albumentations stack: ~3 s) and sklearn are imported
+# where they are used: the empty public re-run and bad-input errors then answer in the time torch
+# alone takes to import.
 
 
 def default_output_path(kaggle_root: Path = KAGGLE_WORKING) -> Path:
@@ -74,125 +62,6 @@ def default_output_path(kaggle_root: Path = KAGGLE_WORKING) -> Path:
     if kaggle_root.is_dir() and KAGGLE_INPUT.parent.is_dir():
         return kaggle_root / "submission.csv"
     return Path("submissions/submission.csv")
-
-
-def find_checkpoints(runs: str | Path, folds: Sequence[int] | None = None) -> list[Path]:
-    """``best.pt`` of each listed fold under ``runs`` (``runs/fold<N>/best.pt``), or every
-    ``best.pt`` below ``runs`` when no folds are given."""
-    runs = Path(runs)
-    if folds:
-        paths = [runs / f"fold{fold}" / "best.pt" for fold in folds]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise CheckpointError(f"no checkpoint for the requested folds: {', '.join(missing)}")
-        return paths
-    paths = sorted(runs.rglob("best.pt"))
-    if not paths:
-        raise CheckpointError(
-            f"no best.pt under {runs}: train first (python scripts/train.py --fold 0) "
-            "or point --runs at a runs/<config name> folder"
-        )
-    return paths
-
-
-@dataclass
-class Ensemble:
-    """Models of one recipe's folds; ``predict`` averages their sigmoid outputs over TTA."""
-
-    models: list[nn.Module]
-    configs: list[Config]
-    device: torch.device
-    tta_flips: tuple[str, ...] = ()
-    amp: bool = False
-    channels_last: bool = False
-
-    def __post_init__(self) -> None:
-        self.tta_flips = tuple(self.tta_flips)
-        unknown = [name for name in self.tta_flips if name not in FLIP_DIMS]
-        if unknown:
-            raise ConfigError(
-                f"infer.tta_flips: unknown flip {unknown[0]!r}; expected some of {list(FLIP_DIMS)}"
-            )
-        if not self.models or len(self.models) != len(self.configs):
-            raise CheckpointError(
-                f"an ensemble needs at least one model and one config per model; got "
-                f"{len(self.models)} models and {len(self.configs)} configs"
-            )
-
-    @classmethod
-    def load(
-        cls, paths: Sequence[Path], device: torch.device, tta_flips: Sequence[str] = ()
-    ) -> Ensemble:
-        """Each model is rebuilt from the config stored in its own checkpoint."""
-        from gitract.model import load_checkpoint, load_model_from_checkpoint
-
-        if not paths:
-            raise CheckpointError("no checkpoints to ensemble")
-        models, configs = [], []
-        for path in paths:
-            model, cfg = load_model_from_checkpoint(load_checkpoint(path), source=str(path))
-            models.append(model.to(device).eval())
-            configs.append(cfg)
-        first = {k: getattr(configs[0].data, k) for k in INPUT_KEYS}
-        for path, cfg in zip(paths, configs, strict=True):
-            other = {k: getattr(cfg.data, k) for k in INPUT_KEYS}
-            if other != first:
-                raise CheckpointError(
-                    f"{path}: input settings {other} differ from {paths[0]}'s {first}; "
-                    "ensemble only folds of one recipe"
-                )
-        on_cuda = device.type == "cuda"
-        channels_last = on_cuda and configs[0].train.channels_last
-        if channels_last:
-            models = [m.to(memory_format=torch.channels_last) for m in models]
-        amp = on_cuda and configs[0].train.amp
-        return cls(models, configs, device, tuple(tta_flips), amp, channels_last)
-
-    @property
-    def data_config(self) -> DataConfig:
-        return self.configs[0].data
-
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean sigmoid probability over models and views (identity plus each flip, each
-        flipped back), as float32 (N, 3, H, W) on the ensemble's device.
-
-        The views go through each model as one batch: one forward pass per model, which keeps
-        a GPU busier than a pass per view (and costs the views' activations in memory)."""
-        return self.predict_with_presence(images)[0]
-
-    @torch.inference_mode()
-    def predict_with_presence(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`predict`, plus the per-slice organ presence probability (N, 3) of the models
-        built with an aux head (``model.aux_head``: they return ``(mask_logits,
-        presence_logits)``), averaged over those models and the views; None when none has one."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
-        views = [()] + [FLIP_DIMS[name] for name in self.tta_flips]
-        batch = torch.cat([images.flip(flip) if flip else images for flip in views])
-        batch = batch.contiguous(memory_format=memory_format)
-        total, presence, with_presence = None, None, 0
-        for model in self.models:
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                output = model(batch)
-            logits = output
-            if isinstance(output, (tuple, list)):
-                logits = output[0]
-                if len(output) > 1 and output[1] is not None:
-                    # A flip leaves "is the organ on this slice" unchanged: mean of the views.
-                    views_presence = torch.sigmoid(output[1].float()).chunk(len(views))
-                    mean = torch.stack(views_presence).mean(0)
-                    presence = mean if presence is None else presence + mean
-                    with_presence += 1
-            for flip, probs in zip(
-                views, torch.sigmoid(logits.float()).chunk(len(views)), strict=True
-            ):
-                probs = probs.flip(flip) if flip else probs
-                total = probs if total is None else total + probs
-        mean_presence = None if presence is None else presence / with_presence
-        return total / (len(self.models) * len(views)), mean_presence
 
 
 def params_from_config(
@@ -273,36 +142,6 @@ def load_postprocess(
         ) from None
 
 
-def predict_slices(
-    ensemble: Ensemble,
-    table: pd.DataFrame,
-    cache: VolumeCache,
-    batch_size: int,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """Yield ``(id, probabilities, presence)`` for every slice of ``table`` in its order, batch
-    by batch: float32 (3, H, W) at the slice's own size, and the aux head's float32 (3,)
-    presence probability or None (:meth:`Ensemble.predict_with_presence`)."""
-    from gitract.dataset import SliceDataset
-
-    dataset = SliceDataset(table, cache, ensemble.data_config)
-    loader = DataLoader(
-        dataset,
-        batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=ensemble.device.type == "cuda",
-    )
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        probs, presence = ensemble.predict_with_presence(batch["image"])
-        probs = probs.cpu().numpy()
-        presence = None if presence is None else presence.cpu().numpy()
-        for k, index in enumerate(batch["index"].tolist()):
-            slice_presence = None if presence is None else presence[k]
-            yield dataset.ids[index], dataset.letterbox(index).invert(probs[k]), slice_presence
-
-
 def predict_volumes(
     probs: Iterable[tuple[str, np.ndarray]], case_day_of: dict[str, str]
 ) -> Iterator[tuple[str, list[str], np.ndarray]]:
@@ -377,7 +216,7 @@ def infer_test(
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
 
     ``runs``: one runs folder (its folds, with ``cfg.infer``'s TTA and batch size), or a
-    :class:`~gitract.blend.BlendSpec` (each member with its own config's TTA and batch size,
+    :class:`~.blend.BlendSpec` (each member with its own config's TTA and batch size,
     probabilities averaged with the weights on each slice's own grid). The volume cache goes
     to ``cfg.data.cache_dir``.
 
@@ -393,7 +232,12 @@ def infer_test(
     if sample.empty:
         write_submission(sample, {}, out)
         return out
-    from gitract.blend import BlendSpec, MemberSpec, blend_days, load_member  # see the top
+    from gitract.inference.blend import (  # ~3 s of model stack: see the top
+        BlendSpec,
+        MemberSpec,
+        blend_days,
+        load_member,
+    )
 
     images = scan_images(data_dir / "test")
     wanted = sample["id"].drop_duplicates()
@@ -440,7 +284,7 @@ def _save_volume_probs(
 ) -> None:
     """One case-day's quantised probabilities, uint8 (D, 3, H, W), in a compressed .npz, with
     the quantised per-slice presence probabilities uint8 (D, 3) as ``presence`` when there are
-    some (what gitract.tuning reads for the ``gate_cls`` step)."""
+    some (what gitract.postprocess.tuning reads for the ``gate_cls`` step)."""
     extra = {} if presence is None else {"presence": presence}
     # The temp name does not end in .npz: a leftover is never taken for a volume by the tuner.
     with atomic_path(folder / f"{case_day}.npz") as tmp, open(tmp, "wb") as handle:
@@ -464,8 +308,13 @@ def infer_oof(
     Writes an ``id,class,predicted`` CSV (default ``<folder>/oof.csv``) and each case-day's
     probabilities under ``<folder>/oof_probs/``, which ``evaluate.py --tune`` searches;
     ``<folder>`` is the runs folder, or the blend's folder."""
-    from gitract.blend import BlendSpec, MemberSpec, blend_days, load_member  # see the top
-    from gitract.folds import load_folds  # sklearn: imported only when OOF needs it
+    from gitract.data.folds import load_folds  # sklearn: imported only when OOF needs it
+    from gitract.inference.blend import (  # ~3 s of model stack: see the top
+        BlendSpec,
+        MemberSpec,
+        blend_days,
+        load_member,
+    )
 
     table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
     known = sorted(table["fold"].unique().tolist())

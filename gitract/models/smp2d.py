@@ -16,7 +16,6 @@ import contextlib
 import difflib
 import os
 import pickle
-import re
 import socket
 import threading
 import urllib.error
@@ -37,13 +36,13 @@ from torch import nn
 
 from gitract.config import Config, ModelConfig, config_from_dict
 from gitract.errors import CheckpointError, ConfigError
+from gitract.models.checkpoint import _first_line, _torch_load
 
 __all__ = [
     "DroppedModule",
     "WEIGHT_SUFFIXES",
     "build_model",
     "drop_unused_modules",
-    "load_checkpoint",
     "load_model_from_checkpoint",
 ]
 
@@ -243,33 +242,6 @@ def _weights_error(e: BaseException, encoder: str, weights: str) -> ConfigError 
 
 
 # --------------------------------------------------------------------------- local weights
-
-
-def _torch_load(path: Path, what: str, error: type[Exception]) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU; failures become ``error`` naming the file.
-
-    weights_only refuses any pickled global (a class, a function such as ``os.system``): such a
-    file is reported as unsafe, not loaded with weights_only=False.
-    """
-    if not path.is_file():
-        raise error(f"{what} {path}: file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL\s+([\w.]+)", str(e), re.IGNORECASE)
-        if found:
-            raise error(
-                f"{what} {path}: refused: it holds pickled objects ({found[1]}), not only tensors "
-                f"and plain data (loaded with weights_only=True)"
-            ) from e
-        raise error(f"{what} {path}: not a readable torch file (unpickling failed)") from e
-    except Exception as e:  # truncated or corrupt zip, not a torch file at all
-        raise error(f"{what} {path}: not a readable torch file ({_first_line(e)})") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _read_state_dict(path: Path, what: str, error: type[Exception]) -> dict[str, torch.Tensor]:
@@ -534,19 +506,6 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
         raise error from e
     drop_unused_modules(model.encoder, in_channels)
     return model
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint dict on the CPU with ``weights_only=True`` (no pickled code runs).
-
-    A missing, unreadable or unsafe file (one that carries a pickled callable) raises
-    CheckpointError naming it.
-    """
-    path = Path(path)
-    ckpt = _torch_load(path, "checkpoint", CheckpointError)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
-    return ckpt
 
 
 def load_model_from_checkpoint(

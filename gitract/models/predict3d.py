@@ -1,6 +1,6 @@
 """Whole-volume prediction of 3D models: sliding windows, flip TTA, back to the native slice size.
 
-A case-day on the grid (:func:`gitract.volume3d.load_volume`) is covered by windows of the
+A case-day on the grid (:func:`gitract.data.patches.load_volume`) is covered by windows of the
 training patch size (``monai.inferers.sliding_window_inference``, Gaussian-weighted blending of
 the overlaps, so window borders, where the network saw the least context, count least). The
 flip views go through as one batch per model, each flipped back before averaging, and the mean

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from gitract.data import CLASSES
+from gitract.data.layout import CLASSES
 
 __all__ = [
     "STEP_NAMES",

@@ -35,14 +35,14 @@ import torch
 import yaml
 from torch import nn
 
-from gitract.config import Config, config_from_dict, load_config
+from gitract.config import Config, config_from_dict
+from gitract.data.cache import VolumeCache
+from gitract.data.patches import load_volume
 from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.infer3d import predict_volume3d
-from gitract.inference import Ensemble, find_checkpoints, predict_slices
-from gitract.model import load_checkpoint
-from gitract.model3d import build_model3d
-from gitract.volume3d import load_volume
-from gitract.volumes import VolumeCache
+from gitract.models.checkpoint import find_checkpoints, load_checkpoint, run_config_of
+from gitract.models.monai3d import build_model3d
+from gitract.models.predict2d import Ensemble, predict_slices
+from gitract.models.predict3d import predict_volume3d
 
 __all__ = [
     "BlendSpec",
@@ -55,7 +55,6 @@ __all__ = [
     "blend_spec",
     "load_member",
     "read_ensemble",
-    "run_config_of",
 ]
 
 
@@ -163,16 +162,6 @@ def read_ensemble(path: str | Path, base: str | Path | None = None) -> BlendSpec
 # --------------------------------------------------------------------------- members
 
 
-def run_config_of(checkpoint: Path) -> Config:
-    """The config of one fold: its ``config.yaml`` beside ``best.pt`` (cheap), else the one
-    stored in the checkpoint."""
-    if (checkpoint.parent / "config.yaml").is_file():
-        return load_config(checkpoint.parent / "config.yaml")
-    return config_from_dict(
-        load_checkpoint(checkpoint)["config"], source=f"checkpoint {checkpoint}"
-    )
-
-
 class Member(Protocol):
     """What a blend needs of a member: its weight and, for the slices of a table (sorted by
     case, day, slice), one :class:`DayPrediction` per case-day in that order."""
@@ -187,7 +176,7 @@ class Member(Protocol):
 
 @dataclass
 class Member2D:
-    """A 2.5D run: its folds' :class:`~gitract.inference.Ensemble`, slice batches grouped into
+    """A 2.5D run: its folds' ``Ensemble``, slice batches grouped into
     case-days."""
 
     name: str
@@ -211,7 +200,7 @@ class Member2D:
 
 @dataclass
 class Member3D:
-    """A 3D run: its folds' MONAI networks on whole case-day volumes (gitract.infer3d)."""
+    """A 3D run: its folds' MONAI networks on whole case-day volumes (gitract.models.predict3d)."""
 
     name: str
     models: list[nn.Module]

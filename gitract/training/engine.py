@@ -2,7 +2,7 @@
 
 ``fit`` writes ``<out_dir>/<config name>/fold<N>/``: ``best.pt`` (best validation score, or mean
 Dice with ``train.select_by: dice``), ``last.pt`` (every epoch: the whole
-:class:`~gitract.train_state.TrainState`, so ``resume`` continues where a killed run stopped),
+:class:`~gitract.training.state.TrainState`, so ``resume`` continues where a killed run stopped),
 ``history.csv``, ``config.yaml``, ``curves.png`` and, when tensorboard is installed, ``tb/``.
 Under torchrun it trains with DistributedDataParallel and only rank 0 writes.
 
@@ -35,11 +35,20 @@ from tqdm.auto import tqdm
 
 from gitract import __version__
 from gitract.atomic import atomic_path
-from gitract.checkpoint import save_checkpoint
 from gitract.config import Config, config_to_dict, save_config
-from gitract.data import CLASSES, load_train_table, resolve_data_dir
-from gitract.dataset import SliceDataset, build_train_transform
-from gitract.distributed import (
+from gitract.data.cache import VolumeCache
+from gitract.data.folds import load_folds
+from gitract.data.layout import CLASSES, load_train_table, resolve_data_dir
+from gitract.data.patches import PatchDataset, case_day_ids, load_volume
+from gitract.data.slices import SliceDataset, build_train_transform
+from gitract.errors import DataError, TrainingError
+from gitract.models.checkpoint import load_checkpoint, save_checkpoint
+from gitract.models.losses import build_loss
+from gitract.models.monai3d import build_model3d, check_patch_size
+from gitract.models.predict3d import predict_volume3d
+from gitract.models.smp2d import build_model
+from gitract.scoring.metrics import SegMetricAccumulator, VolumeScoreAccumulator
+from gitract.training.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_max,
@@ -50,18 +59,9 @@ from gitract.distributed import (
     launch_env,
     resolve_num_workers,
 )
-from gitract.errors import DataError, TrainingError
-from gitract.folds import load_folds
-from gitract.infer3d import predict_volume3d
-from gitract.losses import build_loss
-from gitract.metrics import SegMetricAccumulator, VolumeScoreAccumulator
-from gitract.model import build_model, load_checkpoint
-from gitract.model3d import build_model3d, check_patch_size
-from gitract.plots import plot_curves
-from gitract.train_state import TrainState, capture_rng, check_resumable
-from gitract.validation import VolumeScorer, shard_case_days
-from gitract.volume3d import PatchDataset, case_day_ids, load_volume
-from gitract.volumes import VolumeCache
+from gitract.training.plots import plot_curves
+from gitract.training.state import TrainState, capture_rng, check_resumable
+from gitract.training.validation import VolumeScorer, shard_case_days
 
 __all__ = ["Loop", "fit", "lr_at", "run_dir_for", "split_outputs", "train_one_epoch", "validate"]
 

@@ -2,7 +2,7 @@
 
 A sample is a slice with its neighbours ``z - k*stride ... z + k*stride`` as channels (clamped at
 the volume's ends), intensity-normalised per case-day, placed on the model's canvas
-(:class:`~gitract.geometry.Letterbox`), augmented in training, with its (3, H, W) float mask.
+(:class:`~gitract.data.geometry.Letterbox`), augmented in training, with its (3, H, W) float mask.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from gitract.config import DataConfig, TrainConfig
-from gitract.geometry import Letterbox
-from gitract.volumes import VolumeCache
+from gitract.data.geometry import Letterbox
+from gitract.data.cache import VolumeCache
 
 __all__ = [
     "IntensityJitter",

@@ -1,0 +1,5 @@
+"""From trained runs to a submission.
+
+- ``blend``: runs averaged with weights, case-day by case-day, on each slice's own grid.
+- ``submission``: the test submission and the out-of-fold predictions (CSV + probabilities).
+"""
