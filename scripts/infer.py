@@ -6,10 +6,11 @@
     python scripts/infer.py --ensemble ensembles/b7_3d.yaml ...                     # the same
     python scripts/infer.py --oof [--fold N] [--runs A B | --ensemble FILE]   # out of fold
 
-A blend averages each run's (folds-averaged) probabilities with the weights on every slice's
-own grid before post-processing; each run is rebuilt from its own checkpoints' config (2.5D or
-3D), with that config's TTA. Its folder (--blend-dir, the ensemble file's dir:, else
-runs/blend_A+B) holds the blend's oof.csv, oof_probs/ and postprocess.json.
+A single run is a blend of one. A blend averages each run's (folds-averaged) probabilities
+with the weights on every slice's own grid before post-processing; each run is rebuilt from
+its own checkpoints' config (2.5D or 3D), with that config's TTA and batch size. Its folder
+(--blend-dir, the ensemble file's dir:, else the run's own for one run, runs/blend_A+B for
+several) holds the blend's oof.csv, oof_probs/ and postprocess.json.
 Post-processing: --postprocess FILE, else <runs or blend folder>/postprocess.json
 (evaluate.py --tune), else the config's postprocess section. The submission has exactly
 sample_submission.csv's rows in its order; it goes to submissions/submission.csv, or
@@ -24,7 +25,7 @@ from pathlib import Path
 from gitract.cli import run_main
 from gitract.config import load_config
 from gitract.data.layout import resolve_data_dir
-from gitract.inference.blend import BlendSpec, blend_spec, read_ensemble
+from gitract.inference.blend import add_spec_arguments, resolve_spec
 from gitract.inference.submission import infer_oof, infer_test
 from gitract.training.distributed import resolve_num_workers
 
@@ -33,12 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml", help="YAML config (infer:)")
     parser.add_argument("--data-dir", help="competition data folder")
-    parser.add_argument(
-        "--runs", nargs="+", help="trained folds (default: runs/<config name>); several: a blend"
-    )
-    parser.add_argument("--weights", type=float, nargs="+", help="blend weights, one per run")
-    parser.add_argument("--ensemble", help="ensemble file (YAML: members: [{run, weight}], dir)")
-    parser.add_argument("--blend-dir", help="the blend's folder (default: runs/blend_<A>+<B>)")
+    add_spec_arguments(parser, "trained folds (default: runs/<config name>); several: a blend")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to ensemble (default: all)")
     parser.add_argument("--out", help="output CSV")
     parser.add_argument(
@@ -56,28 +52,15 @@ def parse_args() -> argparse.Namespace:
         parser.error("--postprocess is for test inference; OOF uses the config's settings")
     if not args.oof and (args.fold is not None or args.folds_csv):
         parser.error("--fold and --folds-csv go with --oof (to ensemble some folds: --folds)")
-    if args.ensemble and (args.runs or args.weights or args.blend_dir):
-        parser.error("--ensemble names the runs, weights and folder: not with --runs/--weights")
-    if args.weights and len(args.weights) != len(args.runs or []):
-        parser.error(f"--weights: give one per --runs entry ({len(args.runs or [])})")
     return args
-
-
-def blend_or_runs(args: argparse.Namespace, default: Path) -> Path | BlendSpec:
-    """One runs folder (today's single-run path), or the blend of --runs A B / --ensemble."""
-    if args.ensemble:
-        return read_ensemble(args.ensemble)
-    runs = [Path(r) for r in args.runs] if args.runs else [default]
-    if len(runs) == 1 and not args.weights and not args.blend_dir:
-        return runs[0]
-    return blend_spec(runs, args.weights, args.blend_dir)
 
 
 def main() -> None:
     args = parse_args()
     cfg = load_config(args.config, args.overrides)
     data_dir = resolve_data_dir(args.data_dir, cfg.data.root)
-    runs = blend_or_runs(args, Path(cfg.train.out_dir) / cfg.name)
+    default = Path(cfg.train.out_dir) / cfg.name
+    spec = resolve_spec(args.runs, args.weights, args.blend_dir, args.ensemble, default)
     out = Path(args.out) if args.out else (Path(cfg.infer.out) if cfg.infer.out else None)
     progress = not args.no_progress
     workers = resolve_num_workers(cfg.data.num_workers)  # 0: slices read in the main process
@@ -85,11 +68,11 @@ def main() -> None:
         folds = [args.fold] if args.fold is not None else args.folds
         folds_csv = Path(args.folds_csv or cfg.data.folds_csv)
         path = infer_oof(
-            cfg, data_dir, runs, folds_csv, folds, out, num_workers=workers, progress=progress
+            cfg, data_dir, spec, folds_csv, folds, out, num_workers=workers, progress=progress
         )
     else:
         path = infer_test(
-            cfg, data_dir, runs, args.folds, out, num_workers=workers, progress=progress,
+            cfg, data_dir, spec, args.folds, out, num_workers=workers, progress=progress,
             tuned_file=Path(args.postprocess) if args.postprocess else None,
         )  # fmt: skip
     print(f"wrote {path}")

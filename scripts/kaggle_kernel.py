@@ -5,9 +5,10 @@ dist/kaggle-kernel/ (made by `make kaggle`) with `kaggle kernels push`.
     python kaggle_kernel.py                                  # the submission
     python kaggle_kernel.py --estimate [--slices 25000] [--runs R [R2 ...] | --config C]
 
-A bundle of several runs (made by build_kaggle.py --runs A B / --ensemble FILE) holds an
-ensemble.json: the kernel blends its members with their weights (the monai wheel is installed
-when one is 3D). --estimate counts each member's forward passes and FLOPs against the limit.
+Every bundle (build_kaggle.py --runs A [B ...] / --ensemble FILE) holds an ensemble.json: the
+kernel blends its members with their weights, a single run being a blend of one (the monai
+wheel is installed when one is 3D). --estimate times each 2.5D member on this device and counts
+every member's forward passes and FLOPs against the limit.
 
 Inputs: the competition data, and the bundle dataset (any name; found by its gitract wheel)
 under <root>/input/. <root> is /kaggle unless $GITRACT_KAGGLE_ROOT names another. The
@@ -67,21 +68,9 @@ def find_bundle(input_dir: Path) -> Path:
     return folders[0]
 
 
-def find_runs(bundle: Path) -> Path:
-    """The runs folder of the bundle: the one folder whose sub-folders hold best.pt."""
-    runs = sorted({p.parent.parent for p in bundle.rglob("best.pt")})
-    if not runs:
-        raise KernelError(f"{bundle}: no trained folds (<fold>/best.pt) in the bundle")
-    if len(runs) > 1:
-        raise KernelError(
-            f"{bundle}: several runs folders ({', '.join(map(str, runs))}); pick one with --runs"
-        )
-    return runs[0]
-
-
 def find_blend(bundle: Path) -> tuple[Path | None, list[Path]]:
-    """(ensemble.json or None, every runs folder of the bundle): a bundle of one run has no
-    ensemble.json; several runs without one are blended with equal weights."""
+    """(ensemble.json or None, every runs folder of the bundle): build_kaggle.py writes an
+    ensemble.json into every bundle; runs without one are blended with equal weights."""
     runs = sorted({p.parent.parent for p in bundle.rglob("best.pt")})
     if not runs:
         raise KernelError(f"{bundle}: no trained folds (<fold>/best.pt) in the bundle")
@@ -176,23 +165,18 @@ def ensure_gitract(root: Path, force: bool) -> Path | None:
 
 
 def resolve_runs(args: argparse.Namespace, bundle: Path | None):
-    """What to predict with: a runs folder (one run, as before), or a BlendSpec (the bundle's
-    ensemble.json, several bundled runs, or --runs A B [--weights])."""
+    """What to predict with, always a BlendSpec (a single run is a blend of one): --runs A
+    [B ...] [--weights], else the bundle's ensemble.json, else its runs with equal weights."""
     from gitract.inference.blend import blend_spec, read_ensemble
 
     if args.runs:
-        runs = [Path(r) for r in args.runs]
-        if len(runs) == 1 and not args.weights:
-            return runs[0]
-        return blend_spec(runs, args.weights)  # postprocess.json: runs/blend_<A>+<B>/, if any
+        return blend_spec([Path(r) for r in args.runs], args.weights)
     if bundle is None:
         raise KernelError("no bundle and no --runs")
     ensemble, runs = find_blend(bundle)
     if ensemble is not None:
         return read_ensemble(ensemble, base=ensemble.parent)
-    if len(runs) == 1:
-        return runs[0]
-    return blend_spec(runs, None, bundle)
+    return blend_spec(runs, None, runs[0] if len(runs) == 1 else bundle)
 
 
 def predict(args: argparse.Namespace, root: Path) -> Path:
@@ -204,39 +188,30 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     # The volume cache must not go to the read-only input nor into the kernel's saved output.
     os.environ["GITRACT_CACHE_DIR"] = str(cache_dir(root))
     wheels = ensure_gitract(root, force=True)
-    runs = resolve_runs(args, wheels.parent)
+    spec = resolve_runs(args, wheels.parent)
 
-    from gitract.inference.blend import BlendSpec
     from gitract.inference.submission import infer_test
     from gitract.kaggle.bundle import run_config
     from gitract.training.distributed import resolve_num_workers
 
-    first = runs.members[0].run if isinstance(runs, BlendSpec) else runs
-    cfg = run_config(first)
+    cfg = run_config(spec.members[0].run)
     workers = args.num_workers
     if workers is None:
         workers = resolve_num_workers(cfg.data.num_workers)
     out = root / "working" / "submission.csv"
-    if isinstance(runs, BlendSpec):
-        described = " + ".join(f"{m.run} x {m.weight:g}" for m in runs.members)
-    else:
-        described = str(runs)
+    described = " + ".join(f"{m.run} x {m.weight:g}" for m in spec.members)
     print(f"runs {described}, data {data_dir}, cache {os.environ['GITRACT_CACHE_DIR']}", flush=True)
     cfg.data.cache_dir = os.environ["GITRACT_CACHE_DIR"]
-    infer_test(cfg, data_dir, runs, out=out, num_workers=workers, progress=not args.no_progress)
+    infer_test(cfg, data_dir, spec, out=out, num_workers=workers, progress=not args.no_progress)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return out
 
 
 def estimate(args: argparse.Namespace, root: Path) -> None:
+    """A config's model timed here (random init); else every 2.5D member of the runs timed
+    here, then the whole blend's forward passes and FLOPs at assumed speeds."""
     wheels = ensure_gitract(root, force=False)
-    config = Path(args.config) if args.config else None
-    runs = None
-    if config is None:
-        bundle = None if args.runs else (wheels or find_bundle(root / "input")).parent
-        runs = resolve_runs(args, bundle)
 
-    from gitract.inference.blend import BlendSpec, MemberSpec
     from gitract.kaggle.bundle import run_config
     from gitract.kaggle.estimate import (
         estimate_blend,
@@ -245,22 +220,19 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         format_estimate,
     )
 
-    if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device
-        if runs is None or run_config(runs).model.kind != "3d":
-            est = estimate_runtime(
-                args.slices,
-                runs,
-                config,
-                folds=args.folds,
-                batch_size=args.batch_size,
-                batches=args.batches,
-            )
+    timing = {"folds": args.folds, "batch_size": args.batch_size, "batches": args.batches}
+    if args.config:
+        est = estimate_runtime(args.slices, None, Path(args.config), **timing)
+        print(format_estimate(est), flush=True)
+        return
+    bundle = None if args.runs else (wheels or find_bundle(root / "input")).parent
+    spec = resolve_runs(args, bundle)
+    for member in spec.members:
+        if run_config(member.run).model.kind != "3d":
+            est = estimate_runtime(args.slices, member.run, **timing)
             print(format_estimate(est), flush=True)
-        if runs is None:
-            return
-        runs = BlendSpec((MemberSpec(runs, 1.0),), runs)
     tflops = {k: v for k, v in (("2.5d", args.tflops_2d), ("3d", args.tflops_3d)) if v}
-    members = estimate_blend(runs.members, args.slices, args.case_days, args.folds)
+    members = estimate_blend(spec.members, args.slices, args.case_days, args.folds)
     print(format_blend_estimate(members, args.slices, args.case_days, tflops), flush=True)
 
 

@@ -26,13 +26,18 @@ from gitract.postprocess.steps import (
     quantize,
 )
 from gitract.postprocess.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
-from gitract.scoring.files import score_submission
+from gitract.scoring.files import score_profiles
 from gitract.scoring.metrics import competition_score
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
 LAYOUT = [(1, 0, 4, 48, 40), (2, 0, 3, 44, 44), (3, 1, 5, 40, 40), (4, 2, 1, 40, 40)]
 TEST_LAYOUT = [(99, 0, 3, 40, 30)]
+
+
+def _score(path, data_dir, labels=None) -> dict:
+    """The kaggle profile's result for a submission (what evaluate.py prints for it)."""
+    return score_profiles(path, data_dir, labels, ["kaggle"])["kaggle"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -156,7 +161,7 @@ def test_perfect_submission_scores_one(tiny_kaggle, tmp_path) -> None:
     train = pd.read_csv(tiny_kaggle.train_csv, dtype=str, keep_default_na=False)
     path = tmp_path / "perfect.csv"
     train.rename(columns={"segmentation": "predicted"}).to_csv(path, index=False)
-    assert score_submission(path, tiny_kaggle.root)["score"] == pytest.approx(1.0)
+    assert _score(path, tiny_kaggle.root)["score"] == pytest.approx(1.0)
 
 
 def test_oof_style_submission_is_scored_on_its_case_days_only(scored, tmp_path) -> None:
@@ -165,7 +170,7 @@ def test_oof_style_submission_is_scored_on_its_case_days_only(scored, tmp_path) 
     part = tmp_path / "one_day.csv"
     rows = [(i, c, rle_encode(pred[(i, c)])) for i in ids for c in CLASSES]
     pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(part, index=False)
-    got = score_submission(part, tiny.root)
+    got = _score(part, tiny.root)
     want = _reference(
         {k: v for k, v in pred.items() if k[0] in ids},
         {k: v for k, v in truth.items() if k[0] in ids},
@@ -190,11 +195,11 @@ def test_test_submission_is_scored_against_explicit_labels(scored, tmp_path) -> 
     pd.DataFrame(rows, columns=["id", "class", "segmentation"]).to_csv(labels, index=False)
     rows = [(i, c, rle_encode(m)) for (i, c), m in pred.items()]
     pd.DataFrame(rows, columns=["id", "class", "predicted"]).to_csv(sub, index=False)
-    got = score_submission(sub, tiny.root, labels)
+    got = _score(sub, tiny.root, labels)
     assert got["score"] == pytest.approx(_reference(pred, truth)["score"], abs=1e-9)
     # Without labels a test submission cannot be scored: say so, and how to fix it.
     with pytest.raises(DataError, match=r"none of its case-days is in .*train\.csv.*--labels"):
-        score_submission(sub, tiny.root)
+        _score(sub, tiny.root)
 
 
 @pytest.mark.parametrize("fault", ["bad_rle", "missing_row"])
@@ -224,11 +229,11 @@ def test_unreadable_submission_names_the_file(tmp_path, tiny_kaggle) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     with pytest.raises(DataError, match=r"empty\.csv: file is empty"):
-        score_submission(empty, tiny_kaggle.root)
+        _score(empty, tiny_kaggle.root)
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("id,class,segmentation\n")
     with pytest.raises(DataError, match=r"wrong\.csv: missing column\(s\) predicted \(has: "):
-        score_submission(wrong, tiny_kaggle.root)
+        _score(wrong, tiny_kaggle.root)
 
 
 # --------------------------------------------------------------------------- tuning

@@ -28,20 +28,21 @@ from gitract.data.folds import create_folds_file, load_folds
 from gitract.data.layout import CLASSES, load_train_table, parse_slice_path, scan_images
 from gitract.data.rle import rle_decode, rle_encode
 from gitract.errors import CheckpointError, ConfigError, DataError
+from gitract.inference import blend
 from gitract.inference import submission as inference
+from gitract.inference.blend import blend_spec
 from gitract.inference.submission import (
     default_output_path,
     encode_volume,
     infer_test,
     load_postprocess,
     params_from_config,
-    predict_volumes,
     read_sample_submission,
     write_submission,
 )
 from gitract.models.checkpoint import find_checkpoints
 from gitract.models.predict2d import Ensemble, predict_slices
-from gitract.postprocess.steps import ClassPostprocess, default_params
+from gitract.postprocess.steps import ClassPostprocess, default_params, quantize
 from gitract.training.engine import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +290,13 @@ def test_five_fold_submission_follows_a_shuffled_sample(
     monkeypatch.setattr(Ensemble, "load", classmethod(spy))
     out = tmp_path / "sub" / "submission.csv"
     got = infer_test(
-        five_folds.cfg, data, five_folds.runs, out=out, device=CPU, num_workers=0, progress=False
+        five_folds.cfg,
+        data,
+        blend_spec([five_folds.runs]),
+        out=out,
+        device=CPU,
+        num_workers=0,
+        progress=False,
     )
     assert got == out
     assert len(find_checkpoints(five_folds.runs)) == 5
@@ -487,7 +494,12 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
     low_settings = {"thresholds": [0.02] * 3, "min_component_size": min_sizes}
     (low / "postprocess.json").write_text(json.dumps(low_settings))
     low_out = infer_test(
-        five_folds.cfg, data, low, out=tmp_path / "low.csv", device=CPU, progress=False
+        five_folds.cfg,
+        data,
+        blend_spec([low]),
+        out=tmp_path / "low.csv",
+        device=CPU,
+        progress=False,
     )
     high_sub, low_sub = _read(tuned_out), _read(low_out)
     assert high_sub[["id", "class"]].equals(low_sub[["id", "class"]])
@@ -513,23 +525,25 @@ def test_oof_only_flags_without_oof_are_refused() -> None:
     assert "--fold and --folds-csv go with --oof" in done.stderr
 
 
-def test_predict_volumes_streams_one_case_day_at_a_time() -> None:
+def test_test_inference_streams_one_case_day_at_a_time(monkeypatch) -> None:
     """Test inference holds one case-day: the first volume comes out before a slice of the
     next case-day has been predicted."""
     ids = [f"case1_day0_slice_{z:04d}" for z in (1, 2)]
     ids += [f"case2_day0_slice_{z:04d}" for z in (1, 2)]
-    day_of = {i: i.rsplit("_slice_", 1)[0] for i in ids}
+    table = pd.DataFrame({"id": ids, "case_day": [i.rsplit("_slice_", 1)[0] for i in ids]})
     consumed: list[str] = []
 
-    def stream():
+    def stream(*args, **kwargs):
         for i in ids:
             consumed.append(i)
-            yield i, np.full((3, 4, 5), 0.6, np.float32)
+            yield i, np.full((3, 4, 5), 0.6, np.float32), None
 
-    volumes = predict_volumes(stream(), day_of)
-    case_day, got_ids, probs = next(volumes)
-    assert (case_day, got_ids) == ("case1_day0", ids[:2])
+    monkeypatch.setattr(blend, "predict_slices", stream)
+    volumes = blend.Member2D("run", ensemble=None).days(table, cache=None, progress=False)
+    day = next(volumes)
+    assert (day.case_day, day.ids) == ("case1_day0", ids[:2])
+    probs = quantize(day.probs)
     assert probs.dtype == np.uint8 and probs.shape == (2, 3, 4, 5) and (probs == 153).all()
     assert consumed == ids[:3]  # one slice ahead to see the day end, no further
-    assert next(volumes)[0] == "case2_day0"
+    assert next(volumes).case_day == "case2_day0"
     assert encode_volume(ids[:2], probs, default_params())[(ids[0], "stomach")] != ""

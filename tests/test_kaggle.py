@@ -26,6 +26,7 @@ from gitract.config import load_config
 from gitract.data.layout import scan_images
 from gitract.data.rle import rle_decode
 from gitract.errors import CheckpointError, GitractError
+from gitract.inference.blend import blend_spec
 from gitract.inference.submission import infer_test
 from gitract.kaggle.bundle import (
     COMPETITION,
@@ -133,7 +134,9 @@ def wheel_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(trained_runs, wheel_cache, tmp_path_factory):
     base = tmp_path_factory.mktemp("kaggle_dist")
-    return build_bundle(trained_runs, base / "dist", REPO, wheel_cache=wheel_cache, user="tester")
+    return build_bundle(
+        blend_spec([trained_runs]), base / "dist", REPO, wheel_cache=wheel_cache, user="tester"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +230,13 @@ def test_bundle_holds_wheels_runs_and_metadata(bundle, trained_runs):
     meta = json.loads((data / "dataset-metadata.json").read_text())
     assert meta["id"] == "tester/gitract-bundle" and meta["licenses"]
     manifest = json.loads((data / MANIFEST).read_text())
-    assert manifest["folds"] == ["fold0", "fold1"] and set(manifest["wheels"]) == set(wheels)
+    assert manifest["folds"] == ["demo_cpu/fold0", "demo_cpu/fold1"]
+    assert set(manifest["wheels"]) == set(wheels)
+    ensemble = json.loads((data / "ensemble.json").read_text())
+    assert ensemble == {
+        "members": [{"run": "runs/demo_cpu", "weight": 1.0}],
+        "dir": "runs/demo_cpu",
+    }
 
     kernel = json.loads((bundle.kernel_dir / "kernel-metadata.json").read_text())
     assert kernel["competition_sources"] == [COMPETITION]
@@ -262,7 +271,9 @@ def test_fetch_wheel_failure_names_the_package(tmp_path, monkeypatch):
 def test_build_refuses_runs_without_checkpoints(tmp_path):
     (tmp_path / "runs" / "fold0").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"runs: no <fold>/best\.pt inside"):
-        build_bundle(tmp_path / "runs", tmp_path / "out", REPO, wheel_cache=tmp_path / "c")
+        build_bundle(
+            blend_spec([tmp_path / "runs"]), tmp_path / "out", REPO, wheel_cache=tmp_path / "c"
+        )
     out = tmp_path / "out"
     assert not (out / "kaggle-dataset").exists() and not (out / "kaggle-kernel").exists()
 
@@ -351,7 +362,7 @@ def test_kernel_predicts_the_test_set(kaggle_python, bundle, trained_runs, synth
         local = infer_test(
             run_config(trained_runs),
             synthetic_set.root,
-            trained_runs,
+            blend_spec([trained_runs]),
             out=tmp_path / "local.csv",
             progress=False,
         )
@@ -395,7 +406,7 @@ def test_find_bundle_at_any_name_and_depth(tmp_path):
     assert kernel.find_bundle(tmp_path / "input") == wheels
     (wheels.parent / "runs" / "r" / "fold3").mkdir(parents=True)
     (wheels.parent / "runs" / "r" / "fold3" / "best.pt").write_bytes(b"")
-    assert kernel.find_runs(wheels.parent) == wheels.parent / "runs" / "r"
+    assert kernel.find_blend(wheels.parent) == (None, [wheels.parent / "runs" / "r"])
 
     second = tmp_path / "input" / "another" / "wheels"
     second.mkdir(parents=True)
@@ -503,8 +514,6 @@ def run_3d(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def blend_bundle(trained_runs, run_3d, wheel_cache, tmp_path_factory):
-    from gitract.inference.blend import blend_spec
-
     base = tmp_path_factory.mktemp("kaggle_blend")
     spec = blend_spec([trained_runs, run_3d], [0.7, 0.3], base / "blend")
     spec.dir.mkdir()

@@ -22,6 +22,7 @@ An ensemble file (YAML, or JSON) names the members and where the blend's own fil
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -51,10 +52,12 @@ __all__ = [
     "Member2D",
     "Member3D",
     "MemberSpec",
+    "add_spec_arguments",
     "blend_days",
     "blend_spec",
     "load_member",
     "read_ensemble",
+    "resolve_spec",
 ]
 
 
@@ -157,6 +160,35 @@ def read_ensemble(path: str | Path, base: str | Path | None = None) -> BlendSpec
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (keys: members, dir)")
     folder = base / data["dir"] if data.get("dir") else base / "runs" / path.stem
     return BlendSpec(tuple(specs), folder)
+
+
+def resolve_spec(
+    runs: Sequence[str | Path] | None,
+    weights: Sequence[float] | None,
+    blend_dir: str | Path | None,
+    ensemble: str | Path | None,
+    default: Path,
+) -> BlendSpec:
+    """The one spec behind every script's ``--runs A [B ...] [--weights ...] [--blend-dir D]``
+    or ``--ensemble FILE``: a single run is a blend of one (its own folder), ``default`` the
+    run when neither is given."""
+    if ensemble:
+        if runs or weights or blend_dir:
+            raise ConfigError(
+                "--ensemble names the runs, weights and folder: not with --runs/--weights"
+            )
+        return read_ensemble(ensemble)
+    return blend_spec(runs or [default], weights, blend_dir)
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, runs_help: str) -> None:
+    """The arguments :func:`resolve_spec` reads, worded the same in every script."""
+    parser.add_argument("--runs", nargs="+", help=runs_help)
+    parser.add_argument("--weights", type=float, nargs="+", help="blend weights, one per run")
+    parser.add_argument(
+        "--blend-dir", help="the blend's folder (default: the run's own; runs/blend_<A>+<B>)"
+    )
+    parser.add_argument("--ensemble", help="ensemble file (YAML: members: [{run, weight}], dir)")
 
 
 # --------------------------------------------------------------------------- members
@@ -281,22 +313,18 @@ def load_member(
     spec: MemberSpec,
     device: torch.device,
     folds: Sequence[int] | None = None,
-    tta_flips: Sequence[str] | None = None,
-    batch_size: int | None = None,
     num_workers: int = 0,
 ) -> Member:
     """The member of ``spec``: its folds' checkpoints (``folds``, else all), each rebuilt from
-    its own config. TTA flips and the 2.5D batch size are the run's own config's unless
-    given (a single-run submission passes those of the user's config, as it always did)."""
+    its own config, with that config's TTA flips and batch size (the run's own recipe, in a
+    blend of one as in a blend of several)."""
     paths = find_checkpoints(spec.run, folds)
     cfg = run_config_of(paths[0])
     name = spec.run.name
     if cfg.model.kind == "3d":
-        return Member3D.load(name, paths, device, spec.weight, tta_flips)
-    flips = cfg.infer.tta_flips if tta_flips is None else tta_flips
-    ensemble = Ensemble.load(paths, device, flips)
-    batch = batch_size or cfg.infer.batch_size
-    return Member2D(name, ensemble, spec.weight, batch, num_workers)
+        return Member3D.load(name, paths, device, spec.weight)
+    ensemble = Ensemble.load(paths, device, cfg.infer.tta_flips)
+    return Member2D(name, ensemble, spec.weight, cfg.infer.batch_size, num_workers)
 
 
 def blend_days(

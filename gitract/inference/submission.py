@@ -11,9 +11,8 @@ whatever the size of the test set.
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +41,6 @@ __all__ = [
     "infer_test",
     "load_postprocess",
     "params_from_config",
-    "predict_volumes",
     "read_sample_submission",
     "write_submission",
 ]
@@ -142,16 +140,6 @@ def load_postprocess(
         ) from None
 
 
-def predict_volumes(
-    probs: Iterable[tuple[str, np.ndarray]], case_day_of: dict[str, str]
-) -> Iterator[tuple[str, list[str], np.ndarray]]:
-    """Group a slice stream (slices of a case-day together, in slice order) into whole
-    case-days: ``(case_day, ids, uint8 (D, 3, H, W) quantised probabilities)``."""
-    for case_day, group in itertools.groupby(probs, key=lambda item: case_day_of[item[0]]):
-        ids, slices = zip(*group, strict=True)
-        yield case_day, list(ids), np.stack([quantize(p) for p in slices])
-
-
 def encode_volume(
     ids: Sequence[str],
     probs: np.ndarray,
@@ -205,7 +193,7 @@ def write_submission(
 def infer_test(
     cfg: Config,
     data_dir: Path,
-    runs: Path | BlendSpec,
+    spec: BlendSpec,
     folds: Sequence[int] | None = None,
     out: Path | None = None,
     device: torch.device | None = None,
@@ -215,13 +203,13 @@ def infer_test(
 ) -> Path:
     """Predict ``data_dir/test`` for the rows of ``data_dir/sample_submission.csv``.
 
-    ``runs``: one runs folder (its folds, with ``cfg.infer``'s TTA and batch size), or a
-    :class:`~.blend.BlendSpec` (each member with its own config's TTA and batch size,
-    probabilities averaged with the weights on each slice's own grid). The volume cache goes
-    to ``cfg.data.cache_dir``.
+    ``spec``: the runs and weights (one run is a blend of one); each member is rebuilt from
+    its own checkpoints with its own config's TTA and batch size, and the members'
+    probabilities are averaged with the weights on each slice's own grid. The volume cache
+    goes to ``cfg.data.cache_dir``.
 
-    Post-processing: ``tuned_file``, else ``postprocess.json`` in the runs folder (the blend's
-    folder for a blend), else ``cfg``'s (``postprocess`` section, thresholds from ``infer``
+    Post-processing: ``tuned_file``, else ``postprocess.json`` in the blend's folder (a single
+    run's own folder), else ``cfg``'s (``postprocess`` section, thresholds from ``infer``
     where it has none).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
@@ -232,12 +220,7 @@ def infer_test(
     if sample.empty:
         write_submission(sample, {}, out)
         return out
-    from gitract.inference.blend import (  # ~3 s of model stack: see the top
-        BlendSpec,
-        MemberSpec,
-        blend_days,
-        load_member,
-    )
+    from gitract.inference.blend import blend_days, load_member  # ~3 s: see the top
 
     images = scan_images(data_dir / "test")
     wanted = sample["id"].drop_duplicates()
@@ -251,19 +234,8 @@ def infer_test(
     days = images.loc[images["id"].isin(wanted), "case_day"].unique()
     table = images[images["case_day"].isin(days)]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(runs, BlendSpec):
-        members = [
-            load_member(spec, device, folds, num_workers=num_workers) for spec in runs.members
-        ]
-        folder = runs.dir
-    else:
-        single = MemberSpec(Path(runs), 1.0)
-        infer = cfg.infer
-        members = [
-            load_member(single, device, folds, infer.tta_flips, infer.batch_size, num_workers)
-        ]
-        folder = Path(runs)
-    params = load_postprocess(folder, cfg.infer, cfg.postprocess, tuned_file)
+    members = [load_member(m, device, folds, num_workers) for m in spec.members]
+    params = load_postprocess(spec.dir, cfg.infer, cfg.postprocess, tuned_file)
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=False, progress=progress)
     # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
@@ -294,7 +266,7 @@ def _save_volume_probs(
 def infer_oof(
     cfg: Config,
     data_dir: Path,
-    runs: Path | BlendSpec,
+    spec: BlendSpec,
     folds_csv: Path,
     folds: Sequence[int] | None = None,
     out: Path | None = None,
@@ -302,19 +274,14 @@ def infer_oof(
     num_workers: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Out-of-fold predictions: fold N's validation slices by fold N's model alone (for a
-    blend, by every member's fold-N model, blended as on the test set).
+    """Out-of-fold predictions: fold N's validation slices by every member's fold-N model,
+    blended as on the test set (a single run: its fold-N model alone).
 
     Writes an ``id,class,predicted`` CSV (default ``<folder>/oof.csv``) and each case-day's
     probabilities under ``<folder>/oof_probs/``, which ``evaluate.py --tune`` searches;
-    ``<folder>`` is the runs folder, or the blend's folder."""
+    ``<folder>`` is the blend's folder (a single run's own)."""
     from gitract.data.folds import load_folds  # sklearn: imported only when OOF needs it
-    from gitract.inference.blend import (  # ~3 s of model stack: see the top
-        BlendSpec,
-        MemberSpec,
-        blend_days,
-        load_member,
-    )
+    from gitract.inference.blend import blend_days, load_member  # ~3 s: see the top
 
     table = load_folds(folds_csv, load_train_table(data_dir, cfg.data.exclude))
     known = sorted(table["fold"].unique().tolist())
@@ -322,13 +289,10 @@ def infer_oof(
     unknown = [f for f in folds if f not in known]
     if unknown:
         raise DataError(f"{folds_csv}: there is no fold {unknown[0]}; its folds are {known}")
-    if isinstance(runs, BlendSpec):
-        specs, folder, own = list(runs.members), runs.dir, True
-    else:
-        specs, folder, own = [MemberSpec(Path(runs), 1.0)], Path(runs), False
-    for spec in specs:  # every checkpoint there, before any work
+    folder = spec.dir
+    for member in spec.members:  # every checkpoint there, before any work
         for fold in folds:
-            find_checkpoints(spec.run, [fold])
+            find_checkpoints(member.run, [fold])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Always the config's post-processing, never the tuned one: thresholds tuned on these very
     # predictions would make the OOF score optimistic (evaluate.py --tune reports that score).
@@ -340,15 +304,7 @@ def infer_oof(
     table = table.sort_values(["case", "day", "slice"], kind="stable")
     predictions: dict[tuple[str, str], str] = {}
     for fold in folds:
-        if own:  # a blend: each member with its own config's TTA and batch size
-            members = [load_member(s, device, [fold], num_workers=num_workers) for s in specs]
-        else:
-            members = [
-                load_member(
-                    specs[0], device, [fold], cfg.infer.tta_flips, cfg.infer.batch_size,
-                    num_workers,
-                )
-            ]  # fmt: skip
+        members = [load_member(m, device, [fold], num_workers) for m in spec.members]
         val = table[table["fold"] == fold]
         # Slices arrive in slice order, one case-day after the other: each day's probabilities
         # are saved, then encoded, then dropped, so memory holds one volume at a time.

@@ -32,12 +32,15 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gitract.config import Config
 from gitract.errors import CheckpointError, GitractError
 
-# torch and the gitract modules that import it (inference, blend, model, model3d) are imported
-# inside the functions that use them: the module loads, and bad input fails, without torch.
+# torch and the gitract modules that import it (inference, blend, models) are imported inside
+# the functions that use them: the module loads, and bad input fails, without torch.
+if TYPE_CHECKING:
+    from gitract.inference.blend import BlendSpec
 
 __all__ = [
     "BUNDLED_WHEELS",
@@ -86,9 +89,8 @@ class BundleInfo:
     dataset_dir: Path
     kernel_dir: Path
     wheels: list[Path]
-    runs: Path
-    folds: list[str]
-    ensemble: Path | None = None  # ensemble.json of a blend bundle
+    folds: list[str]  # <run name>/<fold folder>
+    ensemble: Path  # ensemble.json: the members, their weights, the blend's folder
 
 
 # --------------------------------------------------------------------------- wheels
@@ -172,7 +174,8 @@ def build_gitract_wheel(source: Path, out_dir: Path) -> Path:
 
 def collect_runs(runs: Path, dest: Path) -> list[str]:
     """Copy the trained folds of ``runs`` (each ``fold<N>/`` or ``full/`` with a best.pt: its
-    best.pt and config.yaml) and ``postprocess.json`` into ``dest``; returns the fold folders.
+    best.pt and config.yaml) and its ``postprocess.json`` into ``dest``; returns the fold
+    folders.
 
     last.pt (optimizer state, twice the size) and OOF probabilities are left out."""
     if not runs.is_dir():
@@ -183,7 +186,7 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
             f"{runs}: no <fold>/best.pt inside; point --runs at runs/<config name> "
             "after training (python scripts/train.py --fold 0)"
         )
-    from gitract.inference.submission import POSTPROCESS_FILE
+    from gitract.inference.submission import POSTPROCESS_FILE  # torch: see the top
 
     dest.mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
@@ -279,20 +282,12 @@ def _replace_dir(staged: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the bundle
 
 
-def _blend_members(runs) -> tuple[list, Path | None]:
-    """(member specs, the blend's folder) of a BlendSpec or a list of runs folders."""
-    from gitract.inference.blend import BlendSpec, blend_spec
-
-    spec = runs if isinstance(runs, BlendSpec) else blend_spec([Path(r) for r in runs])
-    return list(spec.members), spec.dir
-
-
 def _is_3d(run: Path) -> bool:
     return run_config(run).model.kind == "3d"
 
 
 def build_bundle(
-    runs,  # Path (one run) | Sequence[Path] | gitract.inference.blend.BlendSpec (a blend)
+    spec: BlendSpec,
     out: Path,
     source: Path,
     *,
@@ -305,11 +300,11 @@ def build_bundle(
     """Write ``out/kaggle-dataset`` (wheels, runs, metadata) and ``out/kaggle-kernel`` (the
     kernel ``source/scripts/kaggle_kernel.py`` as script and notebook).
 
-    ``runs``: one runs folder (``runs/<name>/`` as it is, with its postprocess.json), or a
-    blend (several runs folders with equal weights, or a ``BlendSpec``):
-    every member's folds under ``runs/<name>/``, ``ensemble.json`` (members and weights) and
-    the blend's ``postprocess.json`` (``postprocess``, else the one in the blend's folder) at
-    the top. Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, plus
+    ``spec``: the runs and weights (a single run is a blend of one). Every member's folds go
+    under ``runs/<name>/`` and ``ensemble.json`` names them with their weights and the folder
+    of the blend's ``postprocess.json`` (``postprocess``, else the one in the spec's folder):
+    a single run keeps its own (``dir: runs/<name>``), a blend of several has it at the top.
+    Third-party wheels are the installed versions of :data:`BUNDLED_WHEELS`, plus
     :data:`WHEELS_3D` when a run is 3D, downloaded once into ``wheel_cache`` (default
     ``out/wheel-cache``); gitract's is built from ``source``."""
     dataset_dir, kernel_dir = out / "kaggle-dataset", out / "kaggle-kernel"
@@ -318,46 +313,40 @@ def build_bundle(
     user = user or os.environ.get("KAGGLE_USERNAME") or PLACEHOLDER_USER
     if not kernel_script.is_file():
         raise GitractError(f"{kernel_script}: kernel script not found")
-    blend = not isinstance(runs, (str, Path))
-    if blend:
-        members, blend_dir = _blend_members(runs)
-        names = [m.run.resolve().name for m in members]
-        if len(set(names)) != len(names):
-            raise GitractError(f"blend: two runs share a folder name ({', '.join(names)})")
-        if postprocess is None and blend_dir is not None:
-            from gitract.inference.submission import POSTPROCESS_FILE
+    names = [m.run.resolve().name for m in spec.members]
+    if len(set(names)) != len(names):
+        raise GitractError(f"blend: two runs share a folder name ({', '.join(names)})")
+    if postprocess is not None and not Path(postprocess).is_file():
+        raise GitractError(f"{postprocess}: no such post-processing file")
+    from gitract.inference.submission import POSTPROCESS_FILE  # torch: see the top
 
-            found = blend_dir / POSTPROCESS_FILE
-            postprocess = found if found.is_file() else None
-        elif postprocess is not None and not Path(postprocess).is_file():
-            raise GitractError(f"{postprocess}: no such post-processing file")
-    else:
-        members, names = [], [Path(runs).resolve().name]
-        if postprocess is not None:
-            raise GitractError("--postprocess goes with a blend; a run bundles its own")
+    if postprocess is None and (spec.dir / POSTPROCESS_FILE).is_file():
+        postprocess = spec.dir / POSTPROCESS_FILE
+    # The blend's folder inside the bundle: a member's own folder when the spec's is one.
+    own = [
+        name
+        for member, name in zip(spec.members, names, strict=True)
+        if member.run.resolve() == spec.dir.resolve()
+    ]
+    blend_dir = f"runs/{own[0]}" if own else "."
     out.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{dataset_dir.name}.", dir=out))
     staged_kernel = Path(tempfile.mkdtemp(prefix=f".{kernel_dir.name}.", dir=out))
     try:
-        if blend:
-            folds = []
-            for member, name in zip(members, names, strict=True):
-                folds += [f"{name}/{f}" for f in collect_runs(member.run, staged / "runs" / name)]
-            ensemble = {
-                "members": [
-                    {"run": f"runs/{name}", "weight": m.weight}
-                    for m, name in zip(members, names, strict=True)
-                ],
-                "dir": ".",
-            }
-            _write_json(staged / ENSEMBLE_FILE, ensemble)
-            if postprocess is not None:
-                shutil.copy2(postprocess, staged / "postprocess.json")
-            with_3d = any(_is_3d(m.run) for m in members)
-        else:
-            run_dest = staged / "runs" / names[0]
-            folds = collect_runs(Path(runs), run_dest)
-            with_3d = _is_3d(Path(runs))
+        folds = []
+        for member, name in zip(spec.members, names, strict=True):
+            folds += [f"{name}/{f}" for f in collect_runs(member.run, staged / "runs" / name)]
+        ensemble = {
+            "members": [
+                {"run": f"runs/{name}", "weight": m.weight}
+                for m, name in zip(spec.members, names, strict=True)
+            ],
+            "dir": blend_dir,
+        }
+        _write_json(staged / ENSEMBLE_FILE, ensemble)
+        if postprocess is not None:
+            shutil.copy2(postprocess, staged / blend_dir / POSTPROCESS_FILE)
+        with_3d = any(_is_3d(m.run) for m in spec.members)
         wheels_dir = staged / "wheels"
         wheels = [build_gitract_wheel(source, wheels_dir)]
         third_party = {**BUNDLED_WHEELS, **(WHEELS_3D if with_3d else {})}
@@ -372,10 +361,9 @@ def build_bundle(
         packages = "gitract segmentation-models-pytorch" + (" monai" if with_3d else "")
         manifest = {
             "gitract": importlib.metadata.version("gitract"),
-            "run": names[0] if not blend else None,
             "runs": names,
             "folds": folds,
-            "ensemble": ENSEMBLE_FILE if blend else None,
+            "ensemble": ENSEMBLE_FILE,
             "wheels": {w.name: _sha256(w) for w in wheels},
             "bundled_because": third_party,
             "install": f"pip install --no-index --no-deps --find-links wheels {packages}",
@@ -399,7 +387,6 @@ def build_bundle(
         dataset_dir,
         kernel_dir,
         [dataset_dir / "wheels" / w.name for w in wheels],
-        dataset_dir / "runs" if blend else dataset_dir / "runs" / names[0],
         folds,
-        dataset_dir / ENSEMBLE_FILE if blend else None,
+        dataset_dir / ENSEMBLE_FILE,
     )

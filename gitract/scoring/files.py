@@ -11,7 +11,7 @@ from gitract.data.layout import read_csv_file, scan_images
 from gitract.errors import DataError
 from gitract.scoring.metrics import PROFILES, check_profile, competition_score
 
-__all__ = ["score_submission", "read_labels", "score_profiles"]
+__all__ = ["read_labels", "score_profiles"]
 
 # mle-bench's answers (private/test.csv): the truth in ``predicted``, and each slice's size.
 _ANSWER_SIZE = ("image_height", "image_width")
@@ -45,16 +45,6 @@ def read_labels(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         except ValueError as err:
             raise DataError(f"{path}: image_height/image_width must be integers ({err})") from None
     return labels, shapes
-
-
-def score_submission(
-    submission_path: Path,
-    data_dir: Path,
-    labels_path: Path | None = None,
-    profile: str = "kaggle",
-) -> dict[str, float | int]:
-    """The competition score of ``submission_path`` under ``profile`` (see score_profiles)."""
-    return score_profiles(submission_path, data_dir, labels_path, [profile])[profile]
 
 
 def score_profiles(

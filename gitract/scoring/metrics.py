@@ -112,7 +112,7 @@ class SegMetricAccumulator:
         acc.load_state(state)
 
     ``state()`` is a float64 vector ``[dice sums (C), iou sums (C), image count]``, so sums of
-    states are the state of the union; :meth:`merge` does the same for two accumulators.
+    states are the state of the union.
     """
 
     def __init__(self, classes: Sequence[str] = CLASSES, threshold: float = 0.5) -> None:
@@ -156,12 +156,6 @@ class SegMetricAccumulator:
         self.dice_sum = state[:n].clone()
         self.iou_sum = state[n : 2 * n].clone()
         self.count = round(float(state[2 * n]))
-
-    def merge(self, other: SegMetricAccumulator) -> None:
-        """Add ``other``'s sums to this one's (same classes required)."""
-        if other.classes != self.classes:
-            raise ValueError(f"cannot merge classes {other.classes} into {self.classes}")
-        self.load_state(self.state() + other.state())
 
     def compute(self) -> dict[str, float]:
         """Means so far: ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``."""
