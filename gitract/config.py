@@ -381,9 +381,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or e.__class__.__name__
         raise ConfigError(f"{path}: invalid YAML{at}: {problem}") from e
-    if not isinstance(raw, dict | None):
+    if raw is None:  # an empty file would silently mean every default (the B7 recipe)
+        raise ConfigError(
+            f"{path}: the config file is empty; it needs sections such as model:, data:, "
+            "train: (see configs/default.yaml)"
+        )
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    merged = {"name": path.stem, **(raw or {})}
+    merged = {"name": path.stem, **raw}
     # Validate the file alone first, so its own errors name the file and not an override.
     cfg = _validate(merged, str(path))
     if not overrides:

@@ -335,3 +335,17 @@ def test_infer_refuses_duplicated_sample_submission_rows(tiny_kaggle, tmp_path: 
         f"id {row['id']}, class {row['class']}",
     )
     assert _files(tmp_path) == before  # no submission, no temp file
+
+
+@pytest.mark.parametrize(("script", "args"), [("train.py", ["--fold", "0"]), ("infer.py", [])])
+def test_an_empty_config_is_one_line_not_the_b7_defaults(
+    script, args, tmp_path, monkeypatch, capsys
+):
+    """An empty file used to mean every default: training then failed on an unrelated weight
+    download and inference ran without a word."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.chdir(tmp_path)
+    code, err = _run_in_process(script, [*args, "--config", str(empty)], monkeypatch, capsys)
+    _assert_one_line_error(code, err, str(empty), "the config file is empty")
+    assert _files(tmp_path) == {empty}

@@ -94,6 +94,8 @@ def test_unknown_section(tmp_path):
         ("infer:\n  tta_flips: [hflip, rot90]\n", r"'infer\.tta_flips\[1\]' must be 'hflip'"),
         ("train: 3\n", r"section 'train' must be a mapping"),
         ("- 1\n- 2\n", r"expected a mapping of sections, got list"),
+        ("", r"the config file is empty; it needs sections such as model:"),
+        ("# nothing but a comment\n", r"the config file is empty"),
         ("name: 5\n", r"'name' must be str, got 5"),
     ],
 )
