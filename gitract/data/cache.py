@@ -28,7 +28,7 @@ from gitract.data.layout import CLASSES, read_slice, slice_mask
 from gitract.errors import DataError, RLEError
 from gitract.data.rle import rle_decode_many
 
-__all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir"]
+__all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir", "unpack_mask"]
 
 # Bit c of a packed mask byte is class c: row k of this table is byte k's (3,) 0/1 mask.
 _UNPACK = ((np.arange(8, dtype=np.uint8)[:, None] >> np.arange(3, dtype=np.uint8)) & 1).astype(
@@ -38,6 +38,12 @@ _UNPACK = ((np.arange(8, dtype=np.uint8)[:, None] >> np.arange(3, dtype=np.uint8
 PERCENTILES = (0.5, 99.5)
 # Part of every entry's key: entries of an older layout (raw .u16 files) are simply not found.
 _FORMAT = "npy-1"
+
+
+def unpack_mask(packed: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) masks of 0/1 from packed class flags (bit c: class c): a table look-up,
+    ~6x faster than bit shifts."""
+    return np.take(_UNPACK, packed, axis=0)
 
 
 def default_cache_dir() -> Path:
@@ -199,5 +205,4 @@ class VolumeCache:
         info, z = self.locate(slice_id)
         if info.mask_file is None:
             raise ValueError("this cache was built without masks")
-        packed = info.plane(z, mask=True)
-        return np.take(_UNPACK, packed, axis=0)  # a table look-up: ~6x faster than bit shifts
+        return unpack_mask(info.plane(z, mask=True))

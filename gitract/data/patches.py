@@ -6,9 +6,10 @@ per-case-day intensity normalisation as the 2.5D samples (:class:`~gitract.data.
 Resizing to one grid (rather than padding) lets all case-days share one patch size and puts the
 organs at similar pixel scales; :func:`gitract.models.predict3d.predict_volume3d` resizes back.
 
-Training patches are read straight from the on-disk cache, only the ``pD`` slices a patch needs,
-so nothing is held in RAM between items and the dataset pickles to DataLoader workers as
-metadata. With ``fg_fraction`` of the patches centred on an organ voxel, the network sees the
+Training patches are cut from the case-days resampled once to the grid
+(:class:`~gitract.data.grid.GridVolumes`, on disk beside the volume cache): an item reads only
+its own voxels, nothing is held in RAM between items and the dataset pickles to DataLoader
+workers as metadata. With ``fg_fraction`` of the patches centred on an organ voxel, the network sees the
 organs more often than uniform positions (about half of a volume's slices show no organ) would
 give it.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -27,23 +27,9 @@ from gitract.config import DataConfig
 from gitract.data.layout import CLASSES
 from gitract.errors import ConfigError, DataError
 from gitract.data.cache import VolumeCache
+from gitract.data.grid import GridVolumes, resize_plane, unpack
 
 __all__ = ["PatchDataset", "case_day_ids", "load_volume"]
-
-
-def _resize(plane: np.ndarray, grid_hw: tuple[int, int], nearest: bool) -> np.ndarray:
-    """One (H, W) or (H, W, C) plane to ``grid_hw``: area averaging when shrinking (no
-    aliasing of the noise), bilinear when enlarging, nearest neighbour for masks."""
-    height, width = plane.shape[:2]
-    if (height, width) == tuple(grid_hw):
-        return plane
-    if nearest:
-        mode = cv2.INTER_NEAREST
-    elif grid_hw[0] <= height and grid_hw[1] <= width:
-        mode = cv2.INTER_AREA
-    else:
-        mode = cv2.INTER_LINEAR
-    return cv2.resize(plane, (int(grid_hw[1]), int(grid_hw[0])), interpolation=mode)
 
 
 def load_volume(
@@ -58,9 +44,9 @@ def load_volume(
     image = np.empty((len(ids), *grid_hw), dtype=np.float32)
     mask = np.empty((len(CLASSES), len(ids), *grid_hw), dtype=np.float32) if with_mask else None
     for z, slice_id in enumerate(ids):
-        image[z] = _resize(cache.image_stack(slice_id, [0])[..., 0], grid_hw, nearest=False)
+        image[z] = resize_plane(cache.image_stack(slice_id, [0])[..., 0], grid_hw, nearest=False)
         if mask is not None:
-            mask[:, z] = _resize(cache.mask(slice_id), grid_hw, nearest=True).transpose(2, 0, 1)
+            mask[:, z] = resize_plane(cache.mask(slice_id), grid_hw, nearest=True).transpose(2, 0, 1)
     return image, mask
 
 
@@ -115,6 +101,7 @@ class PatchDataset(Dataset):
         fg_fraction: float = 0.5,
         hflip: float = 0.5,
         vflip: float = 0.0,
+        progress: bool = False,
     ) -> None:
         if not cache.with_masks:
             raise DataError("PatchDataset: the volume cache was built without masks")
@@ -131,6 +118,7 @@ class PatchDataset(Dataset):
         volumes = case_day_ids(table)
         self.case_days = list(volumes)
         self.ids = [volumes[cd] for cd in self.case_days]
+        self.volumes = GridVolumes(cache, volumes, self.grid, progress)
         # Positions of the slices with any organ, from the RLE columns (no image read needed).
         organ = table.set_index("id")[list(CLASSES)].ne("").any(axis=1)
         self.organ_z = [np.flatnonzero(organ.loc[ids].to_numpy()) for ids in self.ids]
@@ -159,18 +147,19 @@ class PatchDataset(Dataset):
         on_organ = len(organ_z) > 0 and rng.random() < self.fg_fraction
         z_centre = int(rng.choice(organ_z)) if on_organ else None
         z0 = self._start(rng, depth, pd_, z_centre)
-        image, mask = load_volume(self.cache, ids[z0 : z0 + pd_], self.grid, with_mask=True)
-        assert mask is not None
+        case_day, depth_window = self.case_days[volume], slice(z0, z0 + pd_)
         centre: tuple[int | None, int | None] = (None, None)
         if z_centre is not None:
-            ys, xs = np.nonzero(mask[:, z_centre - z0].any(axis=0))
+            whole = slice(None)
+            ys, xs = np.nonzero(self.volumes.flags(case_day, z_centre, whole, whole))
             if len(ys):  # the organ may vanish in the resize (a few pixels): then uniform
                 k = int(rng.integers(len(ys)))
                 centre = (int(ys[k]), int(xs[k]))
         y0 = self._start(rng, self.grid[0], ph, centre[0])
         x0 = self._start(rng, self.grid[1], pw, centre[1])
-        image = image[:, y0 : y0 + ph, x0 : x0 + pw]
-        mask = mask[:, :, y0 : y0 + ph, x0 : x0 + pw]
+        window = (depth_window, slice(y0, y0 + ph), slice(x0, x0 + pw))
+        image = self.volumes.image(case_day, *window)
+        mask = unpack(self.volumes.flags(case_day, *window))
         if len(image) < pd_:
             before = int(rng.integers(0, pd_ - len(image) + 1)) if self.train else 0
             after = pd_ - len(image) - before
