@@ -381,3 +381,16 @@ def test_tuning_without_oof_probabilities_says_what_to_run(tmp_path, tiny_kaggle
     table = load_train_table(tiny_kaggle.root, exclude=())
     with pytest.raises(DataError, match=r"no OOF probabilities; run scripts/infer.py --oof"):
         tune_postprocess(tmp_path / "nothing", table, progress=False)
+
+
+def test_a_submission_with_an_extra_column_is_refused(tiny_kaggle, tmp_path) -> None:
+    """Kaggle's scorer reads id,class,predicted only: an extra column means a wrong file."""
+    train = pd.read_csv(tiny_kaggle.train_csv, dtype=str, keep_default_na=False)
+    path = tmp_path / "extra.csv"
+    sub = train.rename(columns={"segmentation": "predicted"}).assign(score="0.9")
+    sub.to_csv(path, index=False)
+    result = _run("--submission", str(path), "--data-dir", str(tiny_kaggle.root))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: {path}: unexpected column(s) score; a submission has exactly id,class,predicted"
+    )

@@ -11,7 +11,9 @@ from gitract.data.layout import read_csv_file, scan_images
 from gitract.errors import DataError
 from gitract.scoring.metrics import PROFILES, check_profile, competition_score
 
-__all__ = ["read_labels", "score_profiles"]
+__all__ = ["SUBMISSION_COLUMNS", "read_labels", "score_profiles"]
+
+SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
 # mle-bench's answers (private/test.csv): the truth in ``predicted``, and each slice's size.
 _ANSWER_SIZE = ("image_height", "image_width")
@@ -61,7 +63,13 @@ def score_profiles(
     when they carry them (mle-bench's answers), else from the images under ``data_dir``."""
     for profile in profiles:
         check_profile(profile)
-    submission = read_csv_file(submission_path, ("id", "class", "predicted"))
+    submission = read_csv_file(submission_path, SUBMISSION_COLUMNS)
+    extra = [str(c) for c in submission.columns if c not in SUBMISSION_COLUMNS]
+    if extra:  # Kaggle's scorer would not read them: a wrong file, or a wrong column name
+        raise DataError(
+            f"{submission_path}: unexpected column(s) {', '.join(extra)}; a submission has "
+            f"exactly {','.join(SUBMISSION_COLUMNS)}"
+        )
     shapes = None
     if labels_path is None:
         labels = read_csv_file(data_dir / "train.csv", ("id", "class", "segmentation"))
