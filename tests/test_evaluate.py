@@ -14,18 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.config import InferConfig
+from gitract.config import PostprocessConfig
 from gitract.data.layout import CLASSES, load_train_table
 from gitract.data.rle import rle_encode
 from gitract.errors import ConfigError, DataError
-from gitract.inference.submission import encode_volume, load_postprocess
+from gitract.inference.submission import encode_volume
 from gitract.postprocess.steps import (
     ClassPostprocess,
-    default_params,
+    load_postprocess,
     postprocess_volume,
     quantize,
+    save_postprocess,
 )
-from gitract.postprocess.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
+from gitract.postprocess.tuning import DEFAULT_GRID, tune_postprocess
 from gitract.scoring.files import score_submission
 from gitract.scoring.metrics import competition_score
 
@@ -273,7 +274,7 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     _oof_probs(tiny, tmp_path / "oof_probs")
     table = load_train_table(tiny.root, exclude=())
     result = tune_postprocess(tmp_path / "oof_probs", table, workers=2, progress=False)
-    assert result["thresholds"] == [0.4, 0.4, 0.4]
+    assert [result["classes"][c]["threshold"] for c in CLASSES] == [0.4, 0.4, 0.4]
     # 25 removes the specks; 100 would also remove small_bowel's ellipses (< 100 pixels).
     only = [result["thresholds_only"][c] for c in CLASSES]
     assert only[1]["min_size"] == 25 and all(o["min_size"] in (25, 50, 100) for o in only)
@@ -284,7 +285,7 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     # The baseline (0.5, no removal) is exactly what the metric gives those masks.
     labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
     shapes = table[["id", "height", "width"]]
-    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, default_params())
+    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, PostprocessConfig().per_class())
     baseline = competition_score(sub, labels, shapes)["score"]
     assert result["baseline_score"] == baseline
     assert result["baseline_score"] < result["score"]
@@ -292,8 +293,8 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     # A grid without 0.5 still reports the same baseline, and picks only from the grid.
     grid = {"threshold": [0.3, 0.6], "min_size": [25]}
     small = tune_postprocess(tmp_path / "oof_probs", table, grid=grid, progress=False)
-    assert set(small["thresholds"]) <= {0.3, 0.6}
-    assert small["min_component_size"] == [25, 25, 25]
+    assert {small["classes"][c]["threshold"] for c in CLASSES} <= {0.3, 0.6}
+    assert [small["classes"][c]["min_size"] for c in CLASSES] == [25, 25, 25]
     assert small["baseline_score"] == baseline
     with pytest.raises(ConfigError, match=r"threshold: threshold must be in \(0, 1\)"):
         tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": [0.5, 1.5]})
@@ -324,9 +325,9 @@ def test_tuned_score_is_exactly_what_inference_reproduces(make_tiny_kaggle, tmp_
     _oof_with_strays(tiny, tmp_path / "oof_probs")
     table = load_train_table(tiny.root, exclude=())
     result = tune_postprocess(tmp_path / "oof_probs", table, profile, progress=False)
-    save_postprocess(result, tmp_path / "postprocess.json")
-    params = load_postprocess(tmp_path, InferConfig())
-    assert [p.to_dict() for p in params] == [result["classes"][c] for c in CLASSES]
+    save_postprocess(PostprocessConfig(**result["classes"]), tmp_path / "postprocess.json")
+    params = load_postprocess(tmp_path, PostprocessConfig()).per_class()
+    assert [p.model_dump() for p in params] == [result["classes"][c] for c in CLASSES]
     labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
     shapes = table[["id", "height", "width"]]
     sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, params)
@@ -356,7 +357,7 @@ def test_tuning_searches_the_classifier_gate_when_presence_is_saved(make_tiny_ka
     gates = [result["classes"][c]["gate_cls"] for c in CLASSES]
     assert any(g > 0 for g in gates)
     assert result["scores"]["full"]["score"] > result["scores"]["thresholds_only"]["score"]
-    params = [ClassPostprocess.from_dict(result["classes"][c]) for c in CLASSES]
+    params = [ClassPostprocess(**result["classes"][c]) for c in CLASSES]
     predictions = {}
     for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
         with np.load(path) as saved:
