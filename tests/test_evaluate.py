@@ -19,6 +19,7 @@ from gitract.data.layout import CLASSES, load_train_table
 from gitract.data.rle import rle_encode
 from gitract.errors import ConfigError, DataError
 from gitract.inference.submission import encode_volume
+from gitract.postprocess import tuning
 from gitract.postprocess.steps import (
     ClassPostprocess,
     load_postprocess,
@@ -28,7 +29,7 @@ from gitract.postprocess.steps import (
 )
 from gitract.postprocess.tuning import DEFAULT_GRID, tune_postprocess
 from gitract.scoring.files import score_submission
-from gitract.scoring.metrics import competition_score
+from gitract.scoring.metrics import competition_score, terms_summary, volume_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
@@ -377,3 +378,37 @@ def test_tuning_without_oof_probabilities_says_what_to_run(tmp_path, tiny_kaggle
     table = load_train_table(tiny_kaggle.root, exclude=())
     with pytest.raises(DataError, match=r"no OOF probabilities; run scripts/infer.py --oof"):
         tune_postprocess(tmp_path / "nothing", table, progress=False)
+
+
+@pytest.mark.parametrize("profile", ["kaggle", "mlebench"])
+def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
+    make_tiny_kaggle, tmp_path, profile
+):
+    """Candidate by candidate, on its boxes, the tuner scores what postprocess_volume and
+    volume_terms give the whole case-day, whichever class changed last (mle-bench's union term
+    follows every class's current masks), and a repeated candidate scores the same again."""
+    tiny = make_tiny_kaggle("boxes", layout=LAYOUT, test_layout=[])
+    _oof_with_strays(tiny, tmp_path / "oof_probs")
+    rows = load_train_table(tiny.root, exclude=()).set_index("id")
+    moves = [
+        (0, ClassPostprocess(threshold=0.3, min_volume=50)),
+        (2, ClassPostprocess(threshold=0.6, keep_largest=True)),
+        (1, ClassPostprocess(gate_prob=0.8, fill_gaps=2, min_run=3)),
+        (0, ClassPostprocess(threshold=0.3, min_volume=50)),
+        (0, ClassPostprocess(threshold=0.7, min_size=25)),
+    ]
+    for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
+        probs, truth, _, _ = tuning._load(path, rows)
+        day = tuning._CaseDay(path, rows, profile, low=0.3)
+        current = [ClassPostprocess()] * 3
+        for c in range(3):
+            day.set(c, current[c])
+        for c, params in moves * 2:
+            trial = [params if k == c else current[k] for k in range(3)]
+            whole = volume_terms(postprocess_volume(probs, trial), truth, profile)
+            want = terms_summary(whole, profile)
+            got = terms_summary(day.terms(c, params), profile)
+            for key in ("score", "dice", "hausdorff"):
+                assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (path, c)
+            day.set(c, params)
+            current[c] = params

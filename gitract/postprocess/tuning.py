@@ -51,6 +51,7 @@ from gitract.postprocess.steps import (
 from gitract.scoring.metrics import (
     N_TERMS,
     VolumeScoreAccumulator,
+    bounding_box,
     check_profile,
     class_terms,
     dice_terms,
@@ -129,24 +130,13 @@ def _load(
     return probs, np.ascontiguousarray(truth.transpose(0, 3, 1, 2)), ids, presence
 
 
-def _box(*masks: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box (z, y, x slices) of the union of (D, H, W) masks, None when empty."""
-    union = np.logical_or.reduce(masks)
-    zs = np.flatnonzero(union.any(axis=(1, 2)))
-    if zs.size == 0:
-        return None
-    foot = union[zs[0] : zs[-1] + 1].any(axis=0)
-    ys, xs = np.flatnonzero(foot.any(axis=1)), np.flatnonzero(foot.any(axis=0))
-    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
-
-
 class _Target:
     """One truth volume (a class, or mle-bench's union) cut to a box, with its distance
     transform taken once, kept only at the voxels a prediction can reach."""
 
     def __init__(self, truth: np.ndarray, reach: np.ndarray, shape: tuple[int, ...]) -> None:
         self.shape = shape
-        self.box = _box(truth, reach)
+        self.box = bounding_box(truth, reach)
         self.n_truth = int(np.count_nonzero(truth))
         if self.box is None:
             return
@@ -227,9 +217,10 @@ class _CaseDay:
     def _digest(mask: np.ndarray) -> bytes:
         return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
 
-    def _class_terms(self, c: int, mask: np.ndarray | None) -> np.ndarray:
-        """Class c's Dice and (kaggle) Hausdorff terms, as volume_terms adds them."""
-        target = self.classes[c][0]
+    def _class_terms(self, c: int) -> np.ndarray:
+        """Class c's Dice and (kaggle) Hausdorff terms at its current mask, as volume_terms
+        adds them; by the mask's content, since most candidates change nothing on a day."""
+        target, mask = self.classes[c][0], self.masks[c]
         if target.box is None:  # nothing true, nothing predicted: every row both empty
             rows = self.depth if self.profile == "kaggle" else 0.0
             return class_terms(c, rows, rows)
@@ -267,24 +258,24 @@ class _CaseDay:
         self.masks[c] = self._class_mask(c, params)
 
     def terms(self, c: int, params: ClassPostprocess) -> np.ndarray:
-        """The case-day's terms with class c set to ``params`` and the others as they are."""
+        """The case-day's terms with class c set to ``params`` and the others as they are
+        (mle-bench's union term from every class's mask: keyed by all the settings)."""
         key = (c, params) if self.profile == "kaggle" else (c, params, tuple(self.current))
         if key not in self.memo:
             saved = self.current[c], self.masks[c]
             self.set(c, params)
-            terms = self._class_terms(c, self.masks[c])
+            terms = self._class_terms(c)
             if self.profile == "mlebench":
-                terms += self._union_terms()
+                terms = terms + self._union_terms()
             self.current[c], self.masks[c] = saved
             self.memo[key] = terms
-        others = [self.memo_class(k) for k in range(_C) if k != c]
-        return self.memo[key] + sum(others, np.zeros(N_TERMS))
+        return self.memo[key] + sum((self._own_terms(k) for k in range(_C) if k != c), 0)
 
-    def memo_class(self, k: int) -> np.ndarray:
+    def _own_terms(self, k: int) -> np.ndarray:
         """Class k's own terms at its current setting (no union term)."""
         key = ("class", k, self.current[k])
         if key not in self.memo:
-            self.memo[key] = self._class_terms(k, self.masks[k])
+            self.memo[key] = self._class_terms(k)
         return self.memo[key]
 
     def exact(self, settings: Sequence[Sequence[ClassPostprocess]], rows: pd.DataFrame) -> list:

@@ -40,6 +40,7 @@ from gitract.errors import ConfigError, DataError, RLEError
 __all__ = [
     "N_TERMS",
     "PROFILES",
+    "bounding_box",
     "SegMetricAccumulator",
     "VolumeScoreAccumulator",
     "check_profile",
@@ -203,19 +204,17 @@ def dice_2d(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, ...] | None:
-    """(z0, z1, y0, y1, x0, x1) of the True voxels of a (D, H, W) mask, None when it is empty.
-
-    Only the z-range reads the whole volume (one any() pass); y and x then come from the
-    footprint of that slab, which for an organ is a small part of the volume.
-    """
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
+    """The (z, y, x) slices of the smallest box holding every True voxel of the (D, H, W)
+    ``masks``; None when all are empty. Only the z-range reads whole volumes (one any() pass
+    each); y and x come from the footprint of that slab, for an organ a small part of it."""
+    zs = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
     if zs.size == 0:
         return None
-    footprint = mask[zs[0] : zs[-1] + 1].any(axis=0)
-    ys = np.flatnonzero(footprint.any(axis=1))
-    xs = np.flatnonzero(footprint.any(axis=0))
-    return (int(zs[0]), int(zs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
+    z = slice(int(zs[0]), int(zs[-1]) + 1)
+    foot = np.logical_or.reduce([m[z].any(axis=0) for m in masks])
+    ys, xs = np.flatnonzero(foot.any(axis=1)), np.flatnonzero(foot.any(axis=0))
+    return z, slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
 
 # OpenCV returns float32 distances; squaring and rounding gives back the exact integer squared
@@ -294,12 +293,7 @@ def directed_distance(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) 
     return _max_distance_ft(b, points, spacing)
 
 
-def hausdorff_3d(
-    pred: np.ndarray,
-    truth: np.ndarray,
-    crop: bool = True,
-    shape: tuple[int, int, int] | None = None,
-) -> float | None:
+def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> float | None:
     """Normalised symmetric Hausdorff distance of two (D, H, W) masks, in [0, 1].
 
     Voxel (z, y, x) sits at (z / D, y / H, x / W); the distance is divided by sqrt(3). Returns
@@ -309,9 +303,6 @@ def hausdorff_3d(
     (:func:`directed_distance`). With ``crop`` both masks are first cut to the bounding box of
     their union: every voxel of A and of B lies inside it, so the distances are unchanged (the
     sampling still comes from the full shape) and the transforms run on far fewer voxels.
-    ``shape`` is the whole volume's (D, H, W) when ``pred`` and ``truth`` are already a crop
-    of it that holds every
-    voxel of both (the tuner keeps such crops).
     """
     pred = np.asarray(pred).astype(bool, copy=False)
     truth = np.asarray(truth).astype(bool, copy=False)
@@ -320,16 +311,17 @@ def hausdorff_3d(
             f"hausdorff_3d needs two (D, H, W) masks of the same shape; got {pred.shape} and "
             f"{truth.shape}"
         )
-    box_pred, box_truth = _bbox(pred), _bbox(truth)
+    box_pred, box_truth = bounding_box(pred), bounding_box(truth)
     if box_pred is None and box_truth is None:
         return None
     if box_pred is None or box_truth is None:
         return 1.0
-    spacing = tuple(1.0 / n for n in (shape or pred.shape))
+    spacing = tuple(1.0 / n for n in pred.shape)
     if crop:
-        lo = np.minimum(box_pred, box_truth)[0::2]
-        hi = np.maximum(box_pred, box_truth)[1::2]
-        box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
+        box = tuple(
+            slice(min(a.start, b.start), max(a.stop, b.stop))
+            for a, b in zip(box_pred, box_truth, strict=True)
+        )
         pred, truth = pred[box], truth[box]
     distance = max(directed_distance(pred, truth, spacing), directed_distance(truth, pred, spacing))
     return distance / _SQRT3
