@@ -161,7 +161,8 @@ def slice_flags(
 
 
 def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
-    """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks."""
+    """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks. Reads only
+    PIXEL_STEPS (the tuner shares its result between candidates equal there)."""
     masks = probs > _level(params.threshold)
     if params.min_size > 1:
         for z in np.flatnonzero(masks.any(axis=(1, 2))):

@@ -174,12 +174,11 @@ class _CaseDay:
         self.classes = []
         for c in range(_C):
             target = _Target(truth[:, c], reach[:, c], shape)
-            box_probs = (
-                None if target.box is None else np.ascontiguousarray(probs[:, c][target.box])
-            )
-            box_presence = None
-            if presence is not None and target.box is not None:
-                box_presence = np.ascontiguousarray(presence[target.box[0], c])
+            box, box_probs, box_presence = target.box, None, None
+            if box is not None:
+                box_probs = np.ascontiguousarray(probs[:, c][box])
+                if presence is not None:
+                    box_presence = np.ascontiguousarray(presence[box[0], c])
             self.classes.append((target, box_probs, box_presence))
         self.union = None
         if profile == "mlebench":
@@ -254,6 +253,7 @@ class _CaseDay:
         return union_terms(self.by_mask[key])
 
     def set(self, c: int, params: ClassPostprocess) -> None:
+        """Class c's current setting and its masks on the box."""
         self.current[c] = params
         self.masks[c] = self._class_mask(c, params)
 
@@ -324,9 +324,8 @@ class _Pool:
 
     def __init__(self, files, rows, profile, low, workers: int) -> None:
         ctx = mp.get_context("fork")
-        shards = [files[k::workers] for k in range(workers)]
         self.conns, self.procs = [], []
-        for shard in shards:
+        for shard in (files[k::workers] for k in range(workers)):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, shard, rows, profile, low), daemon=True)
             proc.start()

@@ -171,19 +171,11 @@ class SegMetricAccumulator:
 
     def compute(self) -> dict[str, float]:
         """Means so far: ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``."""
-        if self.count == 0:
-            nan = float("nan")
-            out = {"dice": nan, "iou": nan}
-            for name in self.classes:
-                out[f"dice_{name}"] = nan
-                out[f"iou_{name}"] = nan
-            return out
-        dice = self.dice_sum / self.count
-        iou = self.iou_sum / self.count
+        count = self.count or float("nan")  # nothing added yet: NaN everywhere
+        dice, iou = self.dice_sum / count, self.iou_sum / count
         out = {"dice": float(dice.mean()), "iou": float(iou.mean())}
         for i, name in enumerate(self.classes):
-            out[f"dice_{name}"] = float(dice[i])
-            out[f"iou_{name}"] = float(iou[i])
+            out[f"dice_{name}"], out[f"iou_{name}"] = float(dice[i]), float(iou[i])
         return out
 
 
