@@ -1,24 +1,24 @@
 """Post-processing search on out-of-fold probabilities, for a chosen metric profile.
 
 ``infer.py --oof`` leaves each case-day's quantised probabilities in ``<runs>/oof_probs/``.
-The search is coordinate descent over the steps of gitract.postprocess.steps, one class and one
-step at a time, each step over a small grid, the others held where they are; a setting is
-taken only if it raises the score. Three results are reported, each scored exactly as
-inference reproduces it (``postprocess_volume`` on the same quantised probabilities, then the
-profile's :class:`~gitract.scoring.metrics.VolumeScoreAccumulator` over the case-days in (case, day)
-order, the order ``evaluate.py`` adds them in):
+The search is coordinate descent, one class and one step at a time over DEFAULT_GRID's values,
+the others held; a value is taken only if it raises the score. A candidate is a
+:class:`~gitract.config.ClassPostprocess` (the config's and postprocess.json's schema), run
+through the same :func:`~gitract.postprocess.steps.postprocess_class` as inference. Three
+results are reported, each scored exactly as inference reproduces it (``postprocess_volume``
+on the whole case-days, then the profile's VolumeScoreAccumulator in (case, day) order, the
+order ``evaluate.py`` adds them in):
 
 - ``untuned``: threshold 0.5, every other step off;
-- ``thresholds_only``: threshold and 2D minimum component size searched (what gitract did
-  before the 3D steps);
+- ``thresholds_only``: threshold and 2D minimum component size searched;
 - ``full``: every step searched, starting from ``thresholds_only``.
 
 Speed. The case-days are split over worker processes that load their share once and keep, per
 class, only the box that can ever hold a prediction or the truth (probabilities above the
-lowest threshold of the grid, and the truth), with the truth's distance transform computed once
-at the voxels a prediction can take. A candidate then costs its post-processing on that box,
-the Dice counts, and one distance pass from the truth to the prediction. Equal settings are
-never scored twice for a case-day.
+lowest threshold of the grid, and the truth): the steps give the same masks there, nothing
+outside can pass a threshold. The truth's distance transform is taken once, at the voxels a
+prediction can reach; a candidate then costs its post-processing on the box, the Dice counts
+and one distance pass from the truth to the prediction. Equal masks are never scored twice.
 """
 
 from __future__ import annotations
