@@ -41,12 +41,14 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "InferConfig",
+    "ClassPostprocess",
     "PostprocessConfig",
     "Config",
     "load_config",
     "config_to_dict",
     "config_from_dict",
     "save_config",
+    "one_line_error",
 ]
 
 #: ``configs/`` of the source tree (the package is installed editable).
@@ -73,20 +75,12 @@ def _rule(text: str, ok: Callable[[Any], bool]) -> AfterValidator:
     return AfterValidator(check)
 
 
-def _per_class(text: str, ok: Callable[[Any], bool]) -> AfterValidator:
-    """Three values, one per class in CLASSES order, each passing ``ok``."""
-    return _rule(f"3 values {text}, one per class", lambda v: len(v) == 3 and all(map(ok, v)))
-
-
 Float = Annotated[float, BeforeValidator(_yaml_float)]
 AtLeast1 = Annotated[int, _rule(">= 1", lambda v: v >= 1)]
 Count = Annotated[int, _rule(">= 0", lambda v: v >= 0)]
 NonNegative = Annotated[Float, _rule(">= 0", lambda v: v >= 0 and math.isfinite(v))]
 Probability = Annotated[Float, _rule("a probability in [0, 1]", lambda v: 0 <= v <= 1)]
 Unit = Annotated[Float, _rule("in (0, 1)", lambda v: 0 < v < 1)]
-ClassUnit = Annotated[list[Float], _per_class("in (0, 1)", lambda v: 0 < v < 1)]
-ClassProbability = Annotated[list[Float], _per_class("in [0, 1]", lambda v: 0 <= v <= 1)]
-ClassCount = Annotated[list[int], _per_class(">= 0", lambda v: v >= 0)]
 Flip = Literal["hflip", "vflip"]
 OddCount = Annotated[int, _rule("an odd integer >= 1", lambda v: v >= 1 and v % 2 == 1)]
 ImageSize = Annotated[
@@ -213,35 +207,78 @@ class TrainConfig(_Section):
 
 
 class InferConfig(_Section):
-    """Batch size, flip TTA and per-class post-processing of the submission."""
+    """Batch size, flip TTA and output of the submission (post-processing: its own section)."""
 
     batch_size: AtLeast1 = 32
     tta_flips: Annotated[
         list[Flip], _rule("a list without repeats", lambda v: len(set(v)) == len(v))
     ] = ["hflip"]
-    thresholds: ClassUnit = [0.5, 0.5, 0.5]
-    min_component_size: ClassCount = [0, 0, 0]
     out: str | None = None
     sw_overlap: Annotated[Float, _rule("in [0, 1)", lambda v: 0 <= v < 1)] = 0.5  # 3D
     sw_batch_size: AtLeast1 = 4  # 3D: windows per forward pass
 
 
-class PostprocessConfig(_Section):
-    """Per-class post-processing of a whole case-day (postprocess.steps), one value per class
-    in CLASSES order; every step is off unless set here or tuned (runs/<name>/postprocess.json
-    from ``evaluate.py --tune`` wins over this section). ``thresholds`` and
-    ``min_component_size`` left null fall back to infer's (configs written before this section).
-    """
+def _plain(value: Any) -> Any:
+    """A numpy scalar (a tuning grid from np.linspace) as its plain value, so the rules and
+    their messages see 1.5 and not np.float64(1.5) (and strict ints take np.int64)."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
-    thresholds: ClassUnit | None = None
-    min_component_size: ClassCount | None = None
-    gate_prob: ClassProbability = [0.0, 0.0, 0.0]
-    gate_area: ClassCount = [0, 0, 0]
-    gate_cls: ClassProbability = [0.0, 0.0, 0.0]
-    fill_gaps: ClassCount = [0, 0, 0]
-    min_run: ClassCount = [0, 0, 0]
-    min_volume: ClassCount = [0, 0, 0]
-    keep_largest: Annotated[list[bool], _per_class("true/false", lambda v: True)] = [False] * 3
+
+_Plain = BeforeValidator(_plain)
+StepUnit = Annotated[Float, _Plain, _rule("in (0, 1)", lambda v: 0 < v < 1)]
+StepProbability = Annotated[Float, _Plain, _rule("in [0, 1]", lambda v: 0 <= v <= 1)]
+StepCount = Annotated[int, _Plain, _rule("an integer >= 0", lambda v: v >= 0)]
+
+
+class ClassPostprocess(_Section):
+    """One class's post-processing of a whole case-day (gitract.postprocess.steps, where each
+    field's step is described); the defaults switch every step but the threshold off. One
+    schema: the config's ``postprocess.<class>``, a class of ``postprocess.json`` and the
+    tuner's candidate. A new step is one field here, its function in steps.py and its grid
+    values in tuning.py."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    threshold: StepUnit = 0.5  # 1. pixel threshold, p > threshold
+    min_size: StepCount = 0  # 2. drop 2D components of fewer pixels
+    gate_prob: StepProbability = 0.0  # 3. keep a slice only if its max probability >= this
+    gate_area: StepCount = 0  # ... and its predicted area >= this (pixels)
+    gate_cls: StepProbability = 0.0  # ... and its aux head's presence probability >= this
+    fill_gaps: StepCount = 0  # 4. fill gaps of <= k slices in the presence flags
+    min_run: StepCount = 0  # ... then drop runs of fewer slices
+    min_volume: StepCount = 0  # 5. drop 3D components of fewer voxels
+    keep_largest: bool = False  # ... or keep only the largest one
+
+    def __init__(self, **values: Any) -> None:
+        """A bad value is a one-line ValueError ("min_run must be an integer >= 0, got -1").
+        pydantic calls this for a nested class too: the config or postprocess.json that holds
+        it then words the error with the whole key (see ``_unwrap``)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise _StepError(e.errors()[0]) from None
+
+
+class _StepError(ValueError):
+    """A ClassPostprocess's first error, worded on its own and kept for a nesting model."""
+
+    def __init__(self, error: ErrorDetails) -> None:
+        super().__init__(_message(error, ClassPostprocess, quote=""))
+        self.error = error
+
+
+class PostprocessConfig(_Section):
+    """Per-class post-processing (:class:`ClassPostprocess`), one field per class in CLASSES
+    order; every step is off unless set here or tuned (``runs/<name>/postprocess.json`` from
+    ``evaluate.py --tune``, the same schema, wins over this section)."""
+
+    large_bowel: ClassPostprocess = Field(default_factory=ClassPostprocess)
+    small_bowel: ClassPostprocess = Field(default_factory=ClassPostprocess)
+    stomach: ClassPostprocess = Field(default_factory=ClassPostprocess)
+
+    def per_class(self) -> tuple[ClassPostprocess, ...]:
+        """The classes' settings in CLASSES order (what postprocess_volume takes)."""
+        return (self.large_bowel, self.small_bowel, self.stomach)
 
 
 class Config(_Section):
@@ -274,9 +311,9 @@ def _type_name(tp: Any) -> str:
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _field_type(loc: tuple[int | str, ...]) -> Any:
-    """The declared type at ``loc`` (``("data", "img_size", 1)`` -> ``int``)."""
-    tp: Any = Config
+def _field_type(loc: tuple[int | str, ...], root: type[BaseModel] = Config) -> Any:
+    """The declared type at ``loc`` of ``root`` (``("data", "img_size", 1)`` -> ``int``)."""
+    tp: Any = root
     for part in loc:
         while typing.get_origin(tp) in (Annotated, Union, types.UnionType):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
@@ -288,22 +325,40 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _message(error: ErrorDetails) -> str:
-    """One pydantic error as "'key' must be ..., got value" (or an unknown key's suggestion)."""
-    loc, value = error["loc"], error["input"]
+def _unwrap(error: ErrorDetails) -> ErrorDetails:
+    """A nested ClassPostprocess's own error under the nesting key, else ``error`` itself."""
+    inner = error.get("ctx", {}).get("error")
+    if isinstance(inner, _StepError):
+        return {**inner.error, "loc": (*error["loc"], *inner.error["loc"])}
+    return error
+
+
+def _message(error: ErrorDetails, root: type[BaseModel] = Config, quote: str = "'") -> str:
+    """One pydantic error of ``root`` as "'key' must be ..., got value" (or an unknown key's
+    suggestion); ``quote`` surrounds the key."""
+    error = _unwrap(error)
+    loc, value = error["loc"], _plain(error["input"])
     key = _dotted(loc)
+    shown = f"{quote}{key}{quote}"
     if error["type"] == "extra_forbidden":
-        known = list(_field_type(loc[:-1]).model_fields)
+        known = list(_field_type(loc[:-1], root).model_fields)
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         prefix = key[: -len(str(loc[-1]))]
         hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(known)}"
-        return f"unknown key '{key}' ({hint})"
+        noun = "post-processing key" if root is ClassPostprocess else "key"
+        return f"unknown {noun} {shown} ({hint})"
     if error["type"] == "rule":
-        return f"'{key}' must be {error['msg']}, got {value!r}"
-    tp = _field_type(loc)
+        return f"{shown} must be {error['msg']}, got {value!r}"
+    tp = _field_type(loc, root)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return f"section '{key}' must be a mapping of key: value, got {type(value).__name__}"
-    return f"'{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        return f"section {shown} must be a mapping of key: value, got {type(value).__name__}"
+    return f"{shown} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+
+
+def one_line_error(error: ValidationError, root: type[BaseModel]) -> str:
+    """The first error of a failed ``root.model_validate`` in one line (a file's reader names
+    the file before it)."""
+    return _message(error.errors()[0], root)
 
 
 # --------------------------------------------------------------------------- public API
@@ -318,7 +373,7 @@ def _validate(d: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) 
     try:
         return Config.model_validate(d)
     except ValidationError as e:
-        error = e.errors()[0]
+        error = _unwrap(e.errors()[0])
         where = source
         for text in overrides:
             parts = tuple(text.partition("=")[0].strip().split("."))

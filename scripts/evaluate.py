@@ -23,14 +23,15 @@ import json
 from pathlib import Path
 
 from gitract.cli import run_main
+from gitract.config import PostprocessConfig
 from gitract.data.layout import load_train_table, resolve_data_dir
-from gitract.inference.submission import OOF_PROBS_DIR, POSTPROCESS_FILE
+from gitract.inference.submission import OOF_PROBS_DIR
+from gitract.postprocess.steps import POSTPROCESS_FILE, save_postprocess
 from gitract.postprocess.tuning import (
     DEFAULT_GRID,
     DEFAULT_MIN_SIZES,
     DEFAULT_SWEEPS,
     DEFAULT_THRESHOLDS,
-    save_postprocess,
     tune_postprocess,
 )
 from gitract.scoring.files import score_profiles
@@ -92,7 +93,7 @@ def main() -> None:
             runs / OOF_PROBS_DIR, table, args.metric, grid, sweeps=args.sweeps,
             workers=args.workers, progress=not args.no_progress,
         )  # fmt: skip
-        save_postprocess(result, out)
+        save_postprocess(PostprocessConfig.model_validate(result["classes"]), out)
         result["written_to"] = str(out)
     else:
         profiles = list(PROFILES) if args.metric == "all" else [args.metric]

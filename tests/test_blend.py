@@ -7,7 +7,6 @@ they predict does not matter, only that the blend is the weighted mean of what e
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from gitract.inference.blend import (
 )
 from gitract.inference.submission import OOF_PROBS_DIR, encode_volume, infer_oof, infer_test
 from gitract.models.predict2d import Ensemble
-from gitract.postprocess.steps import default_params, quantize
+from gitract.postprocess.steps import ClassPostprocess, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -192,7 +191,7 @@ def test_presence_reaches_the_post_processing() -> None:
     slice that the masks alone keep."""
     ids = ["case1_day0_slice_0001", "case1_day0_slice_0002"]
     probs = quantize(np.full((2, 3, 6, 6), 0.9, np.float32))
-    params = [dataclasses.replace(p, gate_cls=0.5) for p in default_params()]
+    params = [ClassPostprocess(gate_cls=0.5)] * 3
     presence = quantize(np.array([[0.9, 0.9, 0.9], [0.9, 0.1, 0.9]], np.float32))
     got = encode_volume(ids, probs, params, presence)
     assert got[(ids[1], "small_bowel")] == "" and got[(ids[0], "small_bowel")] != ""
@@ -260,7 +259,7 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
     # The blend's tuned post-processing is read from its own folder.
     spec.dir.mkdir()
     (spec.dir / "postprocess.json").write_text(
-        json.dumps({"thresholds": [0.3, 0.3, 0.3], "min_component_size": [0, 0, 0]})
+        json.dumps(dict.fromkeys(CLASSES, {"threshold": 0.3}))
     )
     cfg = load_config(DEMO, FAST_2D)
     out = infer_test(cfg, synthetic_set.root, spec, out=tmp_path / "sub.csv", device=CPU,

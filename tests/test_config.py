@@ -123,8 +123,11 @@ def test_numbers_are_widened_and_yaml_exponents_accepted(tmp_path):
         ("data: {n_slices: 0}", r"'data\.n_slices' must be an odd integer >= 1, got 0"),
         ("data: {img_size: [320, 300]}", r"'data\.img_size' must be \[H, W\], two positive"),
         ("data: {img_size: [320]}", r"'data\.img_size' must be \[H, W\]"),
-        ("infer: {thresholds: [0.5, 0.5]}", r"'infer\.thresholds' must be 3 values in \(0, 1\)"),
-        ("infer: {thresholds: [0.5, 1.0, 0.5]}", r"'infer\.thresholds' must be 3 values"),
+        (
+            "postprocess: {stomach: {threshold: 0.0}}",
+            r"'postprocess\.stomach\.threshold' must be in \(0, 1\)",
+        ),
+        ("postprocess: {large_bowel: {threshold: 1.0}}", r"'postprocess\.large_bowel\.threshold'"),
         ("train: {aug_hflip: 1.5}", r"'train\.aug_hflip' must be a probability in \[0, 1\]"),
         ("train: {lr: 0.0}", r"'train\.lr' must be > 0, got 0\.0"),
         ("infer: {tta_flips: [hflip, hflip]}", r"'infer\.tta_flips' must be a list without"),
@@ -251,13 +254,23 @@ def test_new_training_keys_are_checked(override: str, message: str) -> None:
 
 def test_configs_saved_before_pydantic_still_load(tmp_path):
     # Written by the dataclass version (commit 413bf7c) with save_config: run folders and
-    # checkpoints of older runs hold exactly this.
+    # checkpoints of older runs hold exactly this. Its post-processing form (infer.thresholds,
+    # per-class lists) was replaced by one schema per class (issue 16): a one-line error naming
+    # the key; every other section still loads as written.
     old = ROOT / "tests" / "fixtures" / "config_written_by_v0.1.yaml"
-    cfg = load_config(old)
+    with pytest.raises(ConfigError, match=r"v0\.1\.yaml: unknown key 'infer\.thresholds'"):
+        load_config(old)
+    saved = yaml.safe_load(old.read_text())
+    del saved["infer"]["thresholds"], saved["infer"]["min_component_size"]
+    saved["postprocess"] = {"large_bowel": {"threshold": 0.4}, "stomach": {"threshold": 0.6}}
+    cfg = config_from_dict(saved, source="ckpt")
     assert cfg.name == "demo_cpu" and cfg.train.ema_decay == 0.99
-    assert cfg.postprocess.thresholds == [0.4, 0.5, 0.6]
-    assert config_to_dict(cfg) == yaml.safe_load(old.read_text())
-    assert config_from_dict(yaml.safe_load(old.read_text()), source="ckpt") == cfg
+    assert [p.threshold for p in cfg.postprocess.per_class()] == [0.4, 0.5, 0.6]
+    again = config_to_dict(cfg)
+    assert {k: v for k, v in again.items() if k != "postprocess"} == {
+        k: v for k, v in saved.items() if k != "postprocess"
+    }
+    assert config_from_dict(again, source="ckpt") == cfg
 
 
 def test_empty_sections_keep_their_defaults(tmp_path):

@@ -14,20 +14,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gitract.config import InferConfig
+from gitract.config import PostprocessConfig
 from gitract.data.layout import CLASSES, load_train_table
 from gitract.data.rle import rle_encode
 from gitract.errors import ConfigError, DataError
-from gitract.inference.submission import encode_volume, load_postprocess
+from gitract.inference.submission import encode_volume
+from gitract.postprocess import tuning
 from gitract.postprocess.steps import (
     ClassPostprocess,
-    default_params,
+    load_postprocess,
     postprocess_volume,
     quantize,
+    save_postprocess,
 )
-from gitract.postprocess.tuning import DEFAULT_GRID, save_postprocess, tune_postprocess
+from gitract.postprocess.tuning import DEFAULT_GRID, tune_postprocess
 from gitract.scoring.files import score_profiles
-from gitract.scoring.metrics import competition_score
+from gitract.scoring.metrics import competition_score, terms_summary, volume_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
@@ -278,7 +280,7 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     _oof_probs(tiny, tmp_path / "oof_probs")
     table = load_train_table(tiny.root, exclude=())
     result = tune_postprocess(tmp_path / "oof_probs", table, workers=2, progress=False)
-    assert result["thresholds"] == [0.4, 0.4, 0.4]
+    assert [result["classes"][c]["threshold"] for c in CLASSES] == [0.4, 0.4, 0.4]
     # 25 removes the specks; 100 would also remove small_bowel's ellipses (< 100 pixels).
     only = [result["thresholds_only"][c] for c in CLASSES]
     assert only[1]["min_size"] == 25 and all(o["min_size"] in (25, 50, 100) for o in only)
@@ -289,7 +291,7 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     # The baseline (0.5, no removal) is exactly what the metric gives those masks.
     labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
     shapes = table[["id", "height", "width"]]
-    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, default_params())
+    sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, PostprocessConfig().per_class())
     baseline = competition_score(sub, labels, shapes)["score"]
     assert result["baseline_score"] == baseline
     assert result["baseline_score"] < result["score"]
@@ -297,8 +299,8 @@ def test_tuning_finds_the_threshold_and_min_size_that_score_best(make_tiny_kaggl
     # A grid without 0.5 still reports the same baseline, and picks only from the grid.
     grid = {"threshold": [0.3, 0.6], "min_size": [25]}
     small = tune_postprocess(tmp_path / "oof_probs", table, grid=grid, progress=False)
-    assert set(small["thresholds"]) <= {0.3, 0.6}
-    assert small["min_component_size"] == [25, 25, 25]
+    assert {small["classes"][c]["threshold"] for c in CLASSES} <= {0.3, 0.6}
+    assert [small["classes"][c]["min_size"] for c in CLASSES] == [25, 25, 25]
     assert small["baseline_score"] == baseline
     with pytest.raises(ConfigError, match=r"threshold: threshold must be in \(0, 1\)"):
         tune_postprocess(tmp_path / "oof_probs", table, grid={"threshold": [0.5, 1.5]})
@@ -329,9 +331,9 @@ def test_tuned_score_is_exactly_what_inference_reproduces(make_tiny_kaggle, tmp_
     _oof_with_strays(tiny, tmp_path / "oof_probs")
     table = load_train_table(tiny.root, exclude=())
     result = tune_postprocess(tmp_path / "oof_probs", table, profile, progress=False)
-    save_postprocess(result, tmp_path / "postprocess.json")
-    params = load_postprocess(tmp_path, InferConfig())
-    assert [p.to_dict() for p in params] == [result["classes"][c] for c in CLASSES]
+    save_postprocess(PostprocessConfig(**result["classes"]), tmp_path / "postprocess.json")
+    params = load_postprocess(tmp_path, PostprocessConfig()).per_class()
+    assert [p.model_dump() for p in params] == [result["classes"][c] for c in CLASSES]
     labels = pd.read_csv(tiny.train_csv, dtype=str, keep_default_na=False)
     shapes = table[["id", "height", "width"]]
     sub = _submission_from_probs(tmp_path / "oof_probs", LAYOUT, params)
@@ -361,7 +363,7 @@ def test_tuning_searches_the_classifier_gate_when_presence_is_saved(make_tiny_ka
     gates = [result["classes"][c]["gate_cls"] for c in CLASSES]
     assert any(g > 0 for g in gates)
     assert result["scores"]["full"]["score"] > result["scores"]["thresholds_only"]["score"]
-    params = [ClassPostprocess.from_dict(result["classes"][c]) for c in CLASSES]
+    params = [ClassPostprocess(**result["classes"][c]) for c in CLASSES]
     predictions = {}
     for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
         with np.load(path) as saved:
@@ -394,3 +396,37 @@ def test_a_submission_with_an_extra_column_is_refused(tiny_kaggle, tmp_path) -> 
     assert result.stderr.strip() == (
         f"error: {path}: unexpected column(s) score; a submission has exactly id,class,predicted"
     )
+
+
+@pytest.mark.parametrize("profile", ["kaggle", "mlebench"])
+def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
+    make_tiny_kaggle, tmp_path, profile
+):
+    """Candidate by candidate, on its boxes, the tuner scores what postprocess_volume and
+    volume_terms give the whole case-day, whichever class changed last (mle-bench's union term
+    follows every class's current masks), and a repeated candidate scores the same again."""
+    tiny = make_tiny_kaggle("boxes", layout=LAYOUT, test_layout=[])
+    _oof_with_strays(tiny, tmp_path / "oof_probs")
+    rows = load_train_table(tiny.root, exclude=()).set_index("id")
+    moves = [
+        (0, ClassPostprocess(threshold=0.3, min_volume=50)),
+        (2, ClassPostprocess(threshold=0.6, keep_largest=True)),
+        (1, ClassPostprocess(gate_prob=0.8, fill_gaps=2, min_run=3)),
+        (0, ClassPostprocess(threshold=0.3, min_volume=50)),
+        (0, ClassPostprocess(threshold=0.7, min_size=25)),
+    ]
+    for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
+        probs, truth, _, _ = tuning._load(path, rows)
+        day = tuning._CaseDay(path, rows, profile, low=0.3)
+        current = [ClassPostprocess()] * 3
+        for c in range(3):
+            day.set(c, current[c])
+        for c, params in moves * 2:
+            trial = [params if k == c else current[k] for k in range(3)]
+            whole = volume_terms(postprocess_volume(probs, trial), truth, profile)
+            want = terms_summary(whole, profile)
+            got = terms_summary(day.terms(c, params), profile)
+            for key in ("score", "dice", "hausdorff"):
+                assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (path, c)
+            day.set(c, params)
+            current[c] = params

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from gitract.config import load_config
+from gitract.config import PostprocessConfig, load_config
 from gitract.data.cache import VolumeCache
 from gitract.data.folds import create_folds_file, load_folds
 from gitract.data.layout import CLASSES, load_train_table, parse_slice_path, scan_images
@@ -35,14 +35,12 @@ from gitract.inference.submission import (
     default_output_path,
     encode_volume,
     infer_test,
-    load_postprocess,
-    params_from_config,
     read_sample_submission,
     write_submission,
 )
 from gitract.models.checkpoint import find_checkpoints
 from gitract.models.predict2d import Ensemble, predict_slices
-from gitract.postprocess.steps import ClassPostprocess, default_params, quantize
+from gitract.postprocess.steps import ClassPostprocess, load_postprocess, quantize
 from gitract.training.engine import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,38 +208,32 @@ def _pairs(params) -> tuple[list[float], list[int]]:
 
 
 def test_load_postprocess_prefers_the_tuned_file_and_checks_it(tmp_path, demo_cfg) -> None:
-    assert load_postprocess(tmp_path, demo_cfg.infer) == default_params()
-    # An older file (thresholds and 2D sizes only) still loads, the other steps off.
-    (tmp_path / "postprocess.json").write_text(
-        json.dumps({"thresholds": [0.3, 0.4, 0.6], "min_component_size": [0, 25, 100]})
-    )
-    params = load_postprocess(tmp_path, demo_cfg.infer)
-    assert _pairs(params) == ([0.3, 0.4, 0.6], [0, 25, 100])
-    assert all(p.min_volume == 0 and p.gate_prob == 0 for p in params)
-    # The current form: every step per class name.
+    assert load_postprocess(tmp_path, demo_cfg.postprocess) == PostprocessConfig()
+    # The file holds the config section's schema: every step per class name.
     steps = {"threshold": 0.4, "gate_prob": 0.8, "fill_gaps": 1, "keep_largest": True}
-    (tmp_path / "postprocess.json").write_text(
-        json.dumps({"classes": dict.fromkeys(CLASSES, steps)})
-    )
-    assert load_postprocess(tmp_path, demo_cfg.infer) == (ClassPostprocess(**steps),) * 3
-    for bad in ({"thresholds": [0.3, 0.4]}, {"classes": {"stomach": steps}}, [1, 2]):
+    (tmp_path / "postprocess.json").write_text(json.dumps(dict.fromkeys(CLASSES, steps)))
+    tuned = load_postprocess(tmp_path, demo_cfg.postprocess)
+    assert tuned.per_class() == (ClassPostprocess(**steps),) * 3
+    # The older forms (thresholds and 2D sizes only; "classes") are not read any more.
+    older = {"thresholds": [0.3, 0.4, 0.6], "min_component_size": [0, 25, 100]}
+    for bad in (older, {"thresholds": [0.3, 0.4]}, {"classes": {"stomach": steps}}, [1, 2]):
         (tmp_path / "postprocess.json").write_text(json.dumps(bad))
         with pytest.raises(DataError, match=r"postprocess.json: not a tuned post-processing file"):
-            load_postprocess(tmp_path, demo_cfg.infer)
+            load_postprocess(tmp_path, demo_cfg.postprocess)
 
 
-def test_config_postprocess_section_falls_back_to_infer_thresholds(demo_cfg) -> None:
-    cfg = load_config(DEMO, ["infer.thresholds=[0.3,0.4,0.6]", "postprocess.min_run=[0,2,3]"])
-    params = params_from_config(cfg.infer, cfg.postprocess)
-    assert _pairs(params) == ([0.3, 0.4, 0.6], [0, 0, 0])
-    assert [p.min_run for p in params] == [0, 2, 3]
-    cfg = load_config(DEMO, ["postprocess.thresholds=[0.2,0.2,0.2]"])
-    assert _pairs(params_from_config(cfg.infer, cfg.postprocess))[0] == [0.2] * 3
-    with pytest.raises(ConfigError, match=r"'postprocess.gate_prob' must be 3 values in \[0, 1\]"):
-        load_config(DEMO, ["postprocess.gate_prob=[0.5,2,0]"])
-
-
-# --------------------------------------------------------------------------- trained folds
+def test_config_postprocess_section_is_one_setting_per_class(demo_cfg) -> None:
+    settings = ["postprocess.small_bowel={min_run: 2}", "postprocess.stomach={threshold: 0.6}"]
+    params = load_config(DEMO, settings).postprocess.per_class()
+    assert _pairs(params) == ([0.5, 0.5, 0.6], [0, 0, 0])
+    assert [p.min_run for p in params] == [0, 2, 0]
+    # The thresholds live in the postprocess section only.
+    with pytest.raises(ConfigError, match=r"unknown key 'infer.thresholds'"):
+        load_config(DEMO, ["infer.thresholds=[0.3,0.4,0.6]"])
+    with pytest.raises(
+        ConfigError, match=r"'postprocess.small_bowel.gate_prob' must be in \[0, 1\]"
+    ):
+        load_config(DEMO, ["postprocess.small_bowel={gate_prob: 2}"])
 
 
 @pytest.fixture(scope="module")
@@ -470,11 +462,11 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
 ) -> None:
     path = oof.runs / "postprocess.json"
     assert tuned["written_to"] == str(path)
-    saved = json.loads(path.read_text())
-    assert set(saved["thresholds"]) <= {0.3, 0.5} and set(saved["min_component_size"]) <= {0, 25}
-    assert saved["score"] >= saved["baseline_score"]
-    thresholds, min_sizes = _pairs(load_postprocess(oof.runs, five_folds.cfg.infer))
-    assert (thresholds, min_sizes) == (saved["thresholds"], saved["min_component_size"])
+    saved = PostprocessConfig.model_validate_json(path.read_text())
+    thresholds, min_sizes = _pairs(saved.per_class())
+    assert set(thresholds) <= {0.3, 0.5} and set(min_sizes) <= {0, 25}
+    assert tuned["score"] >= tuned["baseline_score"]
+    assert load_postprocess(oof.runs, five_folds.cfg.postprocess) == saved
 
     # One test case-day, through infer.py with the tuned file...
     sample = _read(synthetic_set.root / "sample_submission.csv")
@@ -491,7 +483,9 @@ def test_tuned_thresholds_are_written_and_used_by_infer(
     low = tmp_path / "low_runs"
     for fold_dir in oof.runs.glob("fold*"):
         shutil.copytree(fold_dir, low / fold_dir.name)
-    low_settings = {"thresholds": [0.02] * 3, "min_component_size": min_sizes}
+    low_settings = {
+        c: {"threshold": 0.02, "min_size": m} for c, m in zip(CLASSES, min_sizes, strict=True)
+    }
     (low / "postprocess.json").write_text(json.dumps(low_settings))
     low_out = infer_test(
         five_folds.cfg,
@@ -546,4 +540,4 @@ def test_test_inference_streams_one_case_day_at_a_time(monkeypatch) -> None:
     assert probs.dtype == np.uint8 and probs.shape == (2, 3, 4, 5) and (probs == 153).all()
     assert consumed == ids[:3]  # one slice ahead to see the day end, no further
     assert next(volumes).case_day == "case2_day0"
-    assert encode_volume(ids[:2], probs, default_params())[(ids[0], "stomach")] != ""
+    assert encode_volume(ids[:2], probs, PostprocessConfig().per_class())[(ids[0], "stomach")] != ""

@@ -43,7 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL = REPO / "scripts" / "kaggle_kernel.py"
 BUILD = REPO / "scripts" / "build_kaggle.py"
 FAST = ["data.img_size=[32, 32]", "data.num_workers=0", "train.batch_size=8", "train.epochs=1"]
-TUNED = {"thresholds": [0.4, 0.5, 0.6], "min_component_size": [0, 5, 0]}
+TUNED = {
+    "large_bowel": {"threshold": 0.4},
+    "small_bowel": {"threshold": 0.5, "min_size": 5},
+    "stomach": {"threshold": 0.6},
+}
 # What a stock Kaggle image lacks; hidden from the fake interpreter. pip/setuptools are the new
 # venv's own; .pth files (the editable gitract finder among them) are never processed there.
 HIDDEN = (
@@ -485,7 +489,11 @@ def test_failed_install_is_one_line(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- a 2.5D + 3D blend
 
-BLEND_TUNED = {"thresholds": [0.3, 0.45, 0.6], "min_component_size": [0, 0, 10]}
+BLEND_TUNED = {
+    "large_bowel": {"threshold": 0.3},
+    "small_bowel": {"threshold": 0.45},
+    "stomach": {"threshold": 0.6, "min_size": 10},
+}
 TINY_3D = [
     "model.kind=3d", "model.arch=UNet", "model.init_filters=4", "data.grid_hw=[32, 32]",
     "data.patch_size=[16, 32, 32]", "data.num_workers=0", "infer.sw_overlap=0.25",

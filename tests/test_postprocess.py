@@ -7,7 +7,6 @@ import pytest
 
 from gitract.postprocess.steps import (
     ClassPostprocess,
-    binarize,
     drop_short_runs,
     fill_gaps,
     postprocess_class,
@@ -28,31 +27,37 @@ def _blobs() -> np.ndarray:
     return mask
 
 
-def test_binarize_applies_each_class_its_own_threshold() -> None:
+def _one_slice(probs: np.ndarray, params: list[ClassPostprocess]) -> np.ndarray:
+    """The 2D steps alone on one slice: (C, H, W) probabilities -> (C, H, W) uint8 masks."""
+    return postprocess_volume(quantize(probs)[None], params)[0].astype(np.uint8)
+
+
+def test_each_class_gets_its_own_threshold() -> None:
     probs = np.stack([np.full((4, 5), 0.45, np.float32)] * 3)
     probs[:, 0, 0] = 0.9
     probs[:, 1, 1] = 0.3
-    masks = binarize(probs, [0.2, 0.5, 0.4], [0, 0, 0])
+    masks = _one_slice(probs, [ClassPostprocess(threshold=t) for t in (0.2, 0.5, 0.4)])
     assert masks.dtype == np.uint8 and masks.shape == (3, 4, 5)
     assert masks[0].all()  # 0.3 and 0.45 are above 0.2
     assert masks[1].sum() == 1 and masks[1, 0, 0] == 1  # only 0.9 passes 0.5
     assert masks[2].sum() == 4 * 5 - 1 and masks[2, 1, 1] == 0  # all but the 0.3 pixel
-    # Strictly greater: a probability equal to the threshold stays background.
-    assert not binarize(np.full((3, 2, 2), 0.5, np.float32), [0.5] * 3, [0] * 3).any()
+    # Strictly greater: a probability equal to the threshold (0.4 = 102 / 255) stays background.
+    at = np.full((1, 3, 2, 2), 102, np.uint8)
+    assert not postprocess_volume(at, [ClassPostprocess(threshold=0.4)] * 3).any()
 
 
-def test_binarize_applies_each_class_its_own_min_size() -> None:
+def test_each_class_gets_its_own_min_size() -> None:
     probs = np.stack([_blobs().astype(np.float32)] * 3)
-    masks = binarize(probs, [0.5] * 3, [0, 3, 5])
+    masks = _one_slice(probs, [ClassPostprocess(min_size=m) for m in (0, 3, 5)])
     assert masks[0].sum() == _blobs().sum()  # nothing removed
     assert masks[1].sum() == 4 + 12  # pixel and diagonal pair gone
     assert masks[2].sum() == 12  # only the block is left
 
 
-def test_binarize_rejects_a_wrong_number_of_settings() -> None:
-    probs = np.zeros((3, 4, 4), np.float32)
-    with pytest.raises(ValueError, match="3 classes but 2 thresholds and 3 minimum sizes"):
-        binarize(probs, [0.5, 0.5], [0, 0, 0])
+def test_a_wrong_number_of_class_settings_is_rejected() -> None:
+    probs = np.zeros((1, 3, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match=r"needs \(D, 2, H, W\) for 2 class settings"):
+        postprocess_volume(probs, [ClassPostprocess()] * 2)
 
 
 @pytest.mark.parametrize(
@@ -161,10 +166,10 @@ def test_threshold_reads_the_quantised_scale_and_steps_compose() -> None:
 
 def test_class_settings_round_trip_and_reject_bad_values() -> None:
     params = ClassPostprocess(threshold=0.4, min_volume=50, keep_largest=True)
-    assert ClassPostprocess.from_dict(params.to_dict()) == params
-    assert ClassPostprocess.from_dict({"threshold": 0.3}) == ClassPostprocess(threshold=0.3)
+    assert ClassPostprocess(**params.model_dump()) == params
+    assert ClassPostprocess(**{"threshold": 0.3}) == ClassPostprocess(threshold=0.3)
     with pytest.raises(ValueError, match="unknown post-processing key"):
-        ClassPostprocess.from_dict({"treshold": 0.3})
+        ClassPostprocess(**{"treshold": 0.3})
     with pytest.raises(ValueError, match="min_run must be an integer >= 0"):
         ClassPostprocess(min_run=-1)
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\)"):

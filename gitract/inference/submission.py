@@ -11,7 +11,6 @@ whatever the size of the test set.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,32 +20,32 @@ import pandas as pd
 import torch
 
 from gitract.atomic import atomic_path
-from gitract.config import Config, InferConfig, PostprocessConfig
+from gitract.config import Config
 from gitract.data.cache import VolumeCache
 from gitract.data.layout import CLASSES, KAGGLE_INPUT, load_train_table, read_csv_file, scan_images
 from gitract.data.rle import rle_encode
 from gitract.errors import DataError
 from gitract.models.checkpoint import find_checkpoints
-from gitract.postprocess.steps import ClassPostprocess, postprocess_volume, quantize
+from gitract.postprocess.steps import (
+    ClassPostprocess,
+    load_postprocess,
+    postprocess_volume,
+    quantize,
+)
 
 if TYPE_CHECKING:  # imported where used, see below
     from gitract.inference.blend import BlendSpec
 
 __all__ = [
     "OOF_PROBS_DIR",
-    "POSTPROCESS_FILE",
     "default_output_path",
     "encode_volume",
     "infer_oof",
     "infer_test",
-    "load_postprocess",
-    "params_from_config",
     "read_sample_submission",
     "write_submission",
 ]
 
-# Written by ``evaluate.py --tune`` into the runs folder; infer.py prefers it to the config.
-POSTPROCESS_FILE = "postprocess.json"
 # Where ``infer.py --oof`` leaves each case-day's probabilities for ``evaluate.py --tune``.
 OOF_PROBS_DIR = "oof_probs"
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -60,84 +59,6 @@ def default_output_path(kaggle_root: Path = KAGGLE_WORKING) -> Path:
     if kaggle_root.is_dir() and KAGGLE_INPUT.parent.is_dir():
         return kaggle_root / "submission.csv"
     return Path("submissions/submission.csv")
-
-
-def params_from_config(
-    infer: InferConfig, post: PostprocessConfig | None = None
-) -> tuple[ClassPostprocess, ...]:
-    """Per-class post-processing from a config: the ``postprocess`` section, with thresholds
-    and 2D minimum sizes from ``infer`` where the section leaves them null (older configs)."""
-    post = post or PostprocessConfig()
-    thresholds = post.thresholds if post.thresholds is not None else infer.thresholds
-    min_sizes = (
-        post.min_component_size if post.min_component_size is not None else infer.min_component_size
-    )
-    return tuple(
-        ClassPostprocess(
-            threshold=float(thresholds[c]),
-            min_size=int(min_sizes[c]),
-            gate_prob=float(post.gate_prob[c]),
-            gate_area=int(post.gate_area[c]),
-            gate_cls=float(post.gate_cls[c]),
-            fill_gaps=int(post.fill_gaps[c]),
-            min_run=int(post.min_run[c]),
-            min_volume=int(post.min_volume[c]),
-            keep_largest=bool(post.keep_largest[c]),
-        )
-        for c in range(len(CLASSES))
-    )
-
-
-def _params_from_file(tuned: dict) -> tuple[ClassPostprocess, ...]:
-    """A postprocess.json: ``classes`` (one mapping of steps per class name), or the older
-    form with only ``thresholds`` and ``min_component_size`` (the other steps then off)."""
-    if "classes" in tuned:
-        classes = tuned["classes"]
-        missing = [name for name in CLASSES if name not in classes]
-        if missing:
-            raise KeyError(f"classes.{missing[0]}")
-        return tuple(ClassPostprocess.from_dict(classes[name]) for name in CLASSES)
-    thresholds = [float(v) for v in tuned["thresholds"]]
-    min_sizes = [int(v) for v in tuned["min_component_size"]]
-    n = len(CLASSES)
-    if len(thresholds) != n or not all(0 < t < 1 for t in thresholds):
-        raise ValueError(f"'thresholds' must be {n} values in (0, 1), got {thresholds}")
-    if len(min_sizes) != n or any(m < 0 for m in min_sizes):
-        raise ValueError(f"'min_component_size' must be {n} values >= 0, got {min_sizes}")
-    return tuple(
-        ClassPostprocess(threshold=t, min_size=m)
-        for t, m in zip(thresholds, min_sizes, strict=True)
-    )
-
-
-def load_postprocess(
-    runs: Path | None,
-    infer: InferConfig,
-    post: PostprocessConfig | None = None,
-    tuned_file: Path | None = None,
-) -> tuple[ClassPostprocess, ...]:
-    """Per-class post-processing: the tuned one from ``tuned_file`` (which must exist) or
-    ``runs/postprocess.json`` if ``evaluate.py --tune`` wrote it, else the config's
-    (:func:`params_from_config`)."""
-    if tuned_file is not None:
-        path = Path(tuned_file)
-        if not path.is_file():
-            raise DataError(f"{path}: no such post-processing file (evaluate.py --tune writes one)")
-    else:
-        path = None if runs is None else Path(runs) / POSTPROCESS_FILE
-    if path is None or not path.is_file():
-        return params_from_config(infer, post)
-    try:
-        tuned = json.loads(path.read_text())
-        if not isinstance(tuned, dict):
-            raise ValueError(f"a JSON object expected, got {type(tuned).__name__}")
-        return _params_from_file(tuned)
-    except (ValueError, TypeError, KeyError) as err:
-        detail = f"no key {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
-        raise DataError(
-            f"{path}: not a tuned post-processing file ({detail}); delete it or rerun "
-            "scripts/evaluate.py --tune"
-        ) from None
 
 
 def encode_volume(
@@ -209,8 +130,7 @@ def infer_test(
     goes to ``cfg.data.cache_dir``.
 
     Post-processing: ``tuned_file``, else ``postprocess.json`` in the blend's folder (a single
-    run's own folder), else ``cfg``'s (``postprocess`` section, thresholds from ``infer``
-    where it has none).
+    run's own folder), else ``cfg``'s ``postprocess`` section (gitract.postprocess.steps).
 
     An empty sample submission (Kaggle's public re-run, where ``test/`` is empty) gives a
     header-only submission at once, without loading any model."""
@@ -235,7 +155,7 @@ def infer_test(
     table = images[images["case_day"].isin(days)]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     members = [load_member(m, device, folds, num_workers) for m in spec.members]
-    params = load_postprocess(spec.dir, cfg.infer, cfg.postprocess, tuned_file)
+    params = load_postprocess(spec.dir, cfg.postprocess, tuned_file).per_class()
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=False, progress=progress)
     # Slice order within each case-day: the 3D steps see the volume as the metric stacks it.
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
@@ -296,7 +216,7 @@ def infer_oof(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Always the config's post-processing, never the tuned one: thresholds tuned on these very
     # predictions would make the OOF score optimistic (evaluate.py --tune reports that score).
-    params = params_from_config(cfg.infer, cfg.postprocess)
+    params = cfg.postprocess.per_class()
     # The training cache has the masks too; reusing it avoids decoding the PNGs again.
     cache = VolumeCache(table, cfg.data.cache_dir, with_masks=True, progress=progress)
     probs_dir = folder / OOF_PROBS_DIR

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from gitract.config import Config
 from gitract.errors import CheckpointError, GitractError
+from gitract.postprocess.steps import POSTPROCESS_FILE
 
 # torch and the gitract modules that import it (inference, blend, models) are imported inside
 # the functions that use them: the module loads, and bad input fails, without torch.
@@ -186,8 +187,6 @@ def collect_runs(runs: Path, dest: Path) -> list[str]:
             f"{runs}: no <fold>/best.pt inside; point --runs at runs/<config name> "
             "after training (python scripts/train.py --fold 0)"
         )
-    from gitract.inference.submission import POSTPROCESS_FILE  # torch: see the top
-
     dest.mkdir(parents=True, exist_ok=True)
     for fold_dir in fold_dirs:
         (dest / fold_dir.name).mkdir()
@@ -318,8 +317,6 @@ def build_bundle(
         raise GitractError(f"blend: two runs share a folder name ({', '.join(names)})")
     if postprocess is not None and not Path(postprocess).is_file():
         raise GitractError(f"{postprocess}: no such post-processing file")
-    from gitract.inference.submission import POSTPROCESS_FILE  # torch: see the top
-
     if postprocess is None and (spec.dir / POSTPROCESS_FILE).is_file():
         postprocess = spec.dir / POSTPROCESS_FILE
     # The blend's folder inside the bundle: a member's own folder when the spec's is one.

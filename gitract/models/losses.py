@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
-from gitract.errors import ConfigError
-
 __all__ = ["DiceBCELoss", "build_loss", "dice_bce_loss"]
 
 _DICE = DiceLoss(mode="multilabel", from_logits=True)
@@ -63,12 +61,7 @@ class DiceBCELoss(nn.Module):
     """Thin module over :func:`dice_bce_loss`: ``loss(logits, targets)``, both (N, 3, H, W)."""
 
     def __init__(self, bce_weight: float = 0.5, dice_weight: float = 0.5) -> None:
-        super().__init__()
-        if bce_weight < 0 or dice_weight < 0 or bce_weight + dice_weight <= 0:
-            raise ConfigError(
-                f"loss weights must be >= 0 and not both 0; got train.bce_weight={bce_weight}, "
-                f"train.dice_weight={dice_weight}"
-            )
+        super().__init__()  # the weights' range rule lives in the config (TrainConfig)
         self.bce_weight = float(bce_weight)
         self.dice_weight = float(dice_weight)
 

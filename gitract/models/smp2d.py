@@ -12,24 +12,20 @@ config inside is enough to rebuild the network (the nanoGPT way).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import pickle
 import socket
-import threading
 import urllib.error
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import huggingface_hub
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 from torch import nn
@@ -101,67 +97,14 @@ def _is_weights_file(weights: str) -> bool:
 # --------------------------------------------------------------------------- downloads
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint (where smp and timm weights live) answers a TCP connect.
-
-    Run in a thread so that a hanging DNS lookup (getaddrinfo ignores socket timeouts) costs at
-    most ``timeout`` seconds.
-    """
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or 443
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
-
-
-@contextlib.contextmanager
-def _offline_if_unreachable() -> Iterator[None]:
-    """Put huggingface_hub in offline mode while the hub cannot be reached.
-
-    Without internet, ``hf_hub_download`` retries with back-off for ~25 s before it fails; in
-    offline mode it serves weights already in the local cache and fails at once otherwise. Skipped
-    behind a proxy, where a direct TCP probe says nothing about reachability.
-    """
-    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
-    if constants.HF_HUB_OFFLINE or proxied or _hub_reachable():
-        yield
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = False
-
-
-def _is_network_error(e: BaseException) -> bool:
-    """Whether a failed weights download looks like 'no connection' rather than, say, a 404 or
-    an unwritable cache: huggingface_hub's offline errors, URLError, connection errors and
-    timeouts (requests' own are OSErrors but not the builtin ConnectionError)."""
-    network: tuple[type[BaseException], ...] = (
-        ConnectionError,
-        TimeoutError,
-        socket.gaierror,
-        urllib.error.URLError,
-        LocalEntryNotFoundError,
-    )
-    try:
-        import requests
-
-        network += (requests.ConnectionError, requests.Timeout)
-    except ImportError:  # pragma: no cover - huggingface_hub may drop requests
-        pass
-    return isinstance(e, network)
-
+#: Errors that say "no connection" rather than, say, a 404 or an unwritable cache.
+_NETWORK_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+    urllib.error.URLError,
+    LocalEntryNotFoundError,  # huggingface_hub: not on the hub and not in the cache
+)
 
 #: Messages of the errors torch.load and torch.hub raise on a truncated, corrupt or tampered
 #: file (the types alone, RuntimeError mostly, say nothing).
@@ -178,21 +121,6 @@ _CORRUPT_MARKERS = (
     "MetadataIncompleteBuffer",
     "InvalidHeader",
 )
-
-
-def _weights_error_kind(e: BaseException) -> str | None:
-    """'download', 'mismatch' or 'corrupt' for an error raised while fetching and loading
-    named weights; None for anything else (a bug: let it surface with its traceback)."""
-    if isinstance(e, OSError):  # every huggingface_hub, urllib and requests error
-        return "download"
-    text = str(e)
-    if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in text:
-        return "mismatch"
-    if type(e).__name__ == "SafetensorError" or isinstance(e, (pickle.UnpicklingError, EOFError)):
-        return "corrupt"
-    if any(marker in text for marker in _CORRUPT_MARKERS):
-        return "corrupt"
-    return None
 
 
 def _cached_weights_file(encoder: str, weights: str) -> str | None:
@@ -220,19 +148,25 @@ def _cached_weights_file(encoder: str, weights: str) -> str | None:
 
 
 def _weights_error(e: BaseException, encoder: str, weights: str) -> ConfigError | None:
-    """The one-line ConfigError that says what went wrong with named weights, or None."""
-    kind = _weights_error_kind(e)
+    """The one-line ConfigError that says what went wrong with named weights: a failed download
+    (any OSError: huggingface_hub, urllib, an unwritable cache), weights that do not fit the
+    encoder, or a corrupt cached file; None for anything else (a bug: it keeps its traceback).
+    Without internet huggingface_hub retries for ~25 s first (HF_HUB_OFFLINE=1 fails at once)."""
     what = f"model.encoder_weights: '{weights}' weights for encoder '{encoder}'"
     cause = f"{type(e).__name__}: {_first_line(e)}"
-    if kind == "download":
-        hint = "no internet? " if _is_network_error(e) else ""
+    text = str(e)
+    if isinstance(e, OSError):
+        hint = "no internet? " if isinstance(e, _NETWORK_ERRORS) else ""
         return ConfigError(
             f"model.encoder_weights: cannot fetch '{weights}' weights for encoder '{encoder}' "
             f"({hint}{cause}); {_OFFLINE_HINT}"
         )
-    if kind == "mismatch":
+    if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in text:
         return ConfigError(f"{what} do not fit the encoder ({cause})")
-    if kind == "corrupt":
+    corrupt = type(e).__name__ == "SafetensorError" or isinstance(
+        e, (pickle.UnpicklingError, EOFError)
+    )
+    if corrupt or any(marker in text for marker in _CORRUPT_MARKERS):
         path = _cached_weights_file(encoder, weights)
         where = f"the cached file {path}" if path else "the cached weights file"
         return ConfigError(
@@ -497,8 +431,7 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
         )
     w: Any = True if timm_universal else weights
     try:
-        with _offline_if_unreachable():
-            model = create(w)
+        model = create(w)
     except Exception as e:
         error = _weights_error(e, encoder, weights)
         if error is None:

@@ -24,88 +24,47 @@ OOF files give bit-identical masks at inference.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
+from pydantic import ValidationError
 from scipy import ndimage
 
-from gitract.data.layout import CLASSES
+from gitract.atomic import write_text_atomic
+from gitract.config import ClassPostprocess, PostprocessConfig, one_line_error
+from gitract.errors import DataError
 
 __all__ = [
+    "PIXEL_STEPS",
+    "POSTPROCESS_FILE",
     "STEP_NAMES",
     "ClassPostprocess",
-    "binarize",
-    "default_params",
     "drop_short_runs",
     "fill_gaps",
+    "load_postprocess",
     "postprocess_class",
     "postprocess_volume",
     "quantize",
     "remove_small_components",
     "remove_small_volumes",
+    "save_postprocess",
     "slice_flags",
     "threshold_class",
 ]
+
+STEP_NAMES = tuple(ClassPostprocess.model_fields)
+#: The settings steps 1-2 (:func:`threshold_class`) read: equal ones give equal 2D masks.
+PIXEL_STEPS = ("threshold", "min_size")
+# Written by ``evaluate.py --tune`` into the runs folder; inference prefers it to the config.
+POSTPROCESS_FILE = "postprocess.json"
 
 # In-plane 8-connectivity; along z only the same pixel of the neighbouring slice.
 _STRUCTURE_3D = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_3D[1] = True
 _STRUCTURE_3D[0, 1, 1] = _STRUCTURE_3D[2, 1, 1] = True
-
-
-def _shown(value: object) -> str:
-    """repr for an error message, a numpy scalar (a grid from np.linspace) as its plain value."""
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-@dataclass(frozen=True)
-class ClassPostprocess:
-    """One class's post-processing; the defaults switch every step but the threshold off."""
-
-    threshold: float = 0.5
-    min_size: int = 0
-    gate_prob: float = 0.0
-    gate_area: int = 0
-    gate_cls: float = 0.0
-    fill_gaps: int = 0
-    min_run: int = 0
-    min_volume: int = 0
-    keep_largest: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must be in (0, 1), got {_shown(self.threshold)}")
-        for name in ("gate_prob", "gate_cls"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {_shown(getattr(self, name))}")
-        for name in ("min_size", "gate_area", "fill_gaps", "min_run", "min_volume"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {_shown(value)}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping) -> ClassPostprocess:
-        """Build from a mapping; unknown keys are a ValueError naming them."""
-        unknown = sorted(set(values) - set(STEP_NAMES))
-        if unknown:
-            raise ValueError(f"unknown post-processing key(s) {unknown}; known: {list(STEP_NAMES)}")
-        kwargs = {}
-        for name, value in values.items():
-            floats = {"threshold": float, "gate_prob": float, "gate_cls": float}
-            kind = {**floats, "keep_largest": bool}.get(name, int)
-            if kind is bool and not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {_shown(value)}")
-            kwargs[name] = kind(value)
-        return cls(**kwargs)
-
-
-STEP_NAMES = tuple(f.name for f in dataclasses.fields(ClassPostprocess))
 
 
 def quantize(probs: np.ndarray) -> np.ndarray:
@@ -202,7 +161,8 @@ def slice_flags(
 
 
 def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
-    """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks."""
+    """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks. Reads only
+    PIXEL_STEPS (the tuner shares its result between candidates equal there)."""
     masks = probs > _level(params.threshold)
     if params.min_size > 1:
         for z in np.flatnonzero(masks.any(axis=(1, 2))):
@@ -211,15 +171,20 @@ def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
 
 
 def postprocess_class(
-    probs: np.ndarray, params: ClassPostprocess, presence: np.ndarray | None = None
+    probs: np.ndarray,
+    params: ClassPostprocess,
+    presence: np.ndarray | None = None,
+    thresholded: np.ndarray | None = None,
 ) -> np.ndarray:
     """One class of one case-day: quantised (D, H, W) uint8 probabilities (and optionally the
-    (D,) quantised presence probabilities) -> bool masks."""
+    (D,) quantised presence probabilities) -> bool masks. ``thresholded``: steps 1-2's masks
+    for these PIXEL_STEPS values, already made (the tuner's candidates share them); not
+    changed."""
     if probs.dtype != np.uint8 or probs.ndim != 3:
         raise ValueError(
             f"postprocess_class needs (D, H, W) uint8; got {probs.dtype} {probs.shape}"
         )
-    masks = threshold_class(probs, params)
+    masks = threshold_class(probs, params) if thresholded is None else thresholded.copy()
     flags = slice_flags(probs, masks, params, presence)
     masks[~flags] = False
     return remove_small_volumes(masks, params.min_volume, params.keep_largest)
@@ -242,22 +207,32 @@ def postprocess_volume(
     return out
 
 
-def binarize(
-    probs: np.ndarray, thresholds: Sequence[float], min_sizes: Sequence[int]
-) -> np.ndarray:
-    """(C, H, W) probabilities -> (C, H, W) uint8 masks, with a threshold and a minimum
-    component size per class (the 2D steps alone, on one slice)."""
-    if len(thresholds) != probs.shape[0] or len(min_sizes) != probs.shape[0]:
-        raise ValueError(
-            f"{probs.shape[0]} classes but {len(thresholds)} thresholds and "
-            f"{len(min_sizes)} minimum sizes"
+def load_postprocess(
+    folder: Path | None, section: PostprocessConfig, tuned_file: Path | None = None
+) -> PostprocessConfig:
+    """The post-processing to run: ``tuned_file`` (which must exist), else
+    ``folder/postprocess.json`` if ``evaluate.py --tune`` wrote one, else the config's
+    ``section``. A file that does not hold the section's schema is a one-line DataError."""
+    if tuned_file is not None and not Path(tuned_file).is_file():
+        raise DataError(
+            f"{tuned_file}: no such post-processing file (evaluate.py --tune writes one)"
         )
-    masks = (probs > np.asarray(thresholds, dtype=probs.dtype)[:, None, None]).astype(np.uint8)
-    for c, min_size in enumerate(min_sizes):
-        masks[c] = remove_small_components(masks[c], int(min_size))
-    return masks
+    path = tuned_file or (None if folder is None else Path(folder) / POSTPROCESS_FILE)
+    if path is None or not Path(path).is_file():
+        return section
+    try:
+        saved = json.loads(Path(path).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON object expected, got {type(saved).__name__}")
+        return PostprocessConfig.model_validate(saved)
+    except (ValueError, ValidationError) as err:
+        detail = one_line_error(err, PostprocessConfig) if isinstance(err, ValidationError) else err
+        raise DataError(
+            f"{path}: not a tuned post-processing file ({detail}); delete it or rerun "
+            "scripts/evaluate.py --tune"
+        ) from None
 
 
-def default_params(n: int = len(CLASSES)) -> tuple[ClassPostprocess, ...]:
-    """Every step off, threshold 0.5, for ``n`` classes."""
-    return tuple(ClassPostprocess() for _ in range(n))
+def save_postprocess(section: PostprocessConfig, path: Path) -> None:
+    """Write ``section`` as ``postprocess.json`` (its model_dump, atomically)."""
+    write_text_atomic(path, json.dumps(section.model_dump(), indent=2) + "\n")

@@ -1,32 +1,30 @@
 """Post-processing search on out-of-fold probabilities, for a chosen metric profile.
 
 ``infer.py --oof`` leaves each case-day's quantised probabilities in ``<runs>/oof_probs/``.
-The search is coordinate descent over the steps of gitract.postprocess.steps, one class and one
-step at a time, each step over a small grid, the others held where they are; a setting is
-taken only if it raises the score. Three results are reported, each scored exactly as
-inference reproduces it (``postprocess_volume`` on the same quantised probabilities, then the
-profile's :class:`~gitract.scoring.metrics.VolumeScoreAccumulator` over the case-days in (case, day)
-order, the order ``evaluate.py`` adds them in):
+The search is coordinate descent, one class and one step at a time over DEFAULT_GRID's values,
+the others held; a value is taken only if it raises the score. A candidate is a
+:class:`~gitract.config.ClassPostprocess` (the config's and postprocess.json's schema), run
+through the same :func:`~gitract.postprocess.steps.postprocess_class` as inference. Three
+results are reported, each scored exactly as inference reproduces it (``postprocess_volume``
+on the whole case-days, then the profile's VolumeScoreAccumulator in (case, day) order, the
+order ``evaluate.py`` adds them in):
 
 - ``untuned``: threshold 0.5, every other step off;
-- ``thresholds_only``: threshold and 2D minimum component size searched (what gitract did
-  before the 3D steps);
+- ``thresholds_only``: threshold and 2D minimum component size searched;
 - ``full``: every step searched, starting from ``thresholds_only``.
 
 Speed. The case-days are split over worker processes that load their share once and keep, per
 class, only the box that can ever hold a prediction or the truth (probabilities above the
-lowest threshold of the grid, and the truth), with the truth's distance transform computed once
-at the voxels a prediction can take. A candidate then costs its post-processing on that box,
-the Dice counts, and one distance pass from the truth to the prediction. Equal settings are
-never scored twice for a case-day.
+lowest threshold of the grid, and the truth): the steps give the same masks there, nothing
+outside can pass a threshold. The truth's distance transform is taken once, at the voxels a
+prediction can reach; a candidate then costs its post-processing on the box, the Dice counts
+and one distance pass from the truth to the prediction. Equal masks are never scored twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import json
 import math
 import multiprocessing as mp
 import os
@@ -39,25 +37,30 @@ import pandas as pd
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from gitract.atomic import write_text_atomic
+from gitract.config import PostprocessConfig
 from gitract.data.layout import CLASSES, slice_mask
 from gitract.errors import ConfigError, DataError
 from gitract.postprocess.steps import (
+    PIXEL_STEPS,
     STEP_NAMES,
     ClassPostprocess,
+    postprocess_class,
     postprocess_volume,
-    remove_small_volumes,
-    slice_flags,
     threshold_class,
 )
 from gitract.scoring.metrics import (
     N_TERMS,
     VolumeScoreAccumulator,
-    _directed,
+    bounding_box,
     check_profile,
+    class_terms,
+    dice_terms,
+    directed_distance,
     hausdorff_mlebench,
     mlebench_view,
+    row_counts,
     terms_summary,
+    union_terms,
     volume_terms,
 )
 
@@ -66,7 +69,6 @@ __all__ = [
     "DEFAULT_MIN_SIZES",
     "DEFAULT_THRESHOLDS",
     "THRESHOLD_STEPS",
-    "save_postprocess",
     "tune_postprocess",
 ]
 
@@ -128,24 +130,13 @@ def _load(
     return probs, np.ascontiguousarray(truth.transpose(0, 3, 1, 2)), ids, presence
 
 
-def _box(*masks: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box (z, y, x slices) of the union of (D, H, W) masks, None when empty."""
-    union = np.logical_or.reduce(masks)
-    zs = np.flatnonzero(union.any(axis=(1, 2)))
-    if zs.size == 0:
-        return None
-    foot = union[zs[0] : zs[-1] + 1].any(axis=0)
-    ys, xs = np.flatnonzero(foot.any(axis=1)), np.flatnonzero(foot.any(axis=0))
-    return (slice(zs[0], zs[-1] + 1), slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
-
-
 class _Target:
     """One truth volume (a class, or mle-bench's union) cut to a box, with its distance
     transform taken once, kept only at the voxels a prediction can reach."""
 
     def __init__(self, truth: np.ndarray, reach: np.ndarray, shape: tuple[int, ...]) -> None:
         self.shape = shape
-        self.box = _box(truth, reach)
+        self.box = bounding_box(truth, reach)
         self.n_truth = int(np.count_nonzero(truth))
         if self.box is None:
             return
@@ -167,7 +158,7 @@ class _Target:
             return 1.0
         to_truth = float(self.dist_at_reach[pred.ravel()[self.reach_idx]].max())
         spacing = tuple(1.0 / n for n in self.shape)
-        to_pred = _directed(self.truth, pred, spacing)
+        to_pred = directed_distance(self.truth, pred, spacing)
         return max(to_truth, to_pred) / _SQRT3
 
 
@@ -183,12 +174,11 @@ class _CaseDay:
         self.classes = []
         for c in range(_C):
             target = _Target(truth[:, c], reach[:, c], shape)
-            box_probs = (
-                None if target.box is None else np.ascontiguousarray(probs[:, c][target.box])
-            )
-            box_presence = None
-            if presence is not None and target.box is not None:
-                box_presence = np.ascontiguousarray(presence[target.box[0], c])
+            box, box_probs, box_presence = target.box, None, None
+            if box is not None:
+                box_probs = np.ascontiguousarray(probs[:, c][box])
+                if presence is not None:
+                    box_presence = np.ascontiguousarray(presence[box[0], c])
             self.classes.append((target, box_probs, box_presence))
         self.union = None
         if profile == "mlebench":
@@ -210,31 +200,29 @@ class _CaseDay:
         self.by_mask: dict[tuple, np.ndarray | float | None] = {}
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
-        """postprocess_class on the box, the same steps in the same order."""
+        """postprocess_class on the box (exact: nothing outside it can pass the threshold),
+        with steps 1-2 shared by the candidates that differ only in later steps."""
         _, box_probs, box_presence = self.classes[c]
         if box_probs is None:
             return None
-        key = (c, params.threshold, params.min_size)
+        key = (c, *(getattr(params, name) for name in PIXEL_STEPS))
         if key not in self.stage2:
             if len(self.stage2) >= 2 * _C:
                 self.stage2.pop(next(iter(self.stage2)))
             self.stage2[key] = threshold_class(box_probs, params)
-        masks = self.stage2[key].copy()
-        masks[~slice_flags(box_probs, masks, params, box_presence)] = False
-        return remove_small_volumes(masks, params.min_volume, params.keep_largest)
+        return postprocess_class(box_probs, params, box_presence, self.stage2[key])
 
     @staticmethod
     def _digest(mask: np.ndarray) -> bytes:
         return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
 
-    def _class_terms(self, c: int, mask: np.ndarray | None) -> np.ndarray:
-        """Class c's Dice, Hausdorff and pixel-count terms (the layout of volume_terms)."""
-        target = self.classes[c][0]
-        terms = np.zeros(N_TERMS)
+    def _class_terms(self, c: int) -> np.ndarray:
+        """Class c's Dice and (kaggle) Hausdorff terms at its current mask, as volume_terms
+        adds them; by the mask's content, since most candidates change nothing on a day."""
+        target, mask = self.classes[c][0], self.masks[c]
         if target.box is None:  # nothing true, nothing predicted: every row both empty
-            if self.profile == "kaggle":
-                terms[c] = terms[_C + c] = self.depth
-            return terms
+            rows = self.depth if self.profile == "kaggle" else 0.0
+            return class_terms(c, rows, rows)
         key = (c, self._digest(mask))
         if key not in self.by_mask:
             self.by_mask[key] = self._measure(c, mask)
@@ -242,70 +230,52 @@ class _CaseDay:
 
     def _measure(self, c: int, mask: np.ndarray) -> np.ndarray:
         target = self.classes[c][0]
-        terms = np.zeros(N_TERMS)
-        inside = target.box[0].stop - target.box[0].start
-        p = mask.reshape(inside, -1)
-        t = target.truth.reshape(inside, -1)
-        n_p, n_t = np.count_nonzero(p, axis=1), np.count_nonzero(t, axis=1)
-        inter = np.count_nonzero(p & t, axis=1)
-        total = n_p + n_t
-        dice = 2.0 * inter / np.maximum(total, 1)
-        if self.profile == "kaggle":
-            terms[c] = float(np.where(total == 0, 1.0, dice).sum()) + (self.depth - inside)
-            terms[_C + c] = self.depth
-            distance = target.hausdorff(mask, mlebench=False)
-            if distance is not None:
-                terms[2 * _C + c], terms[3 * _C + c] = distance, 1.0
-        else:
-            terms[c] = float(dice[total > 0].sum())
-            terms[_C + c] = float(np.count_nonzero(total > 0))
-        return terms
+        dice, rows = dice_terms(*row_counts(mask, target.truth), self.profile)
+        if self.profile == "mlebench":
+            return class_terms(c, dice, rows)
+        outside = self.depth - len(mask)  # slices outside the box: both empty, 1 each
+        return class_terms(c, dice + outside, rows + outside, target.hausdorff(mask, False))
 
     def _union_terms(self) -> np.ndarray:
-        terms = np.zeros(N_TERMS)
-        shape = (self.depth, self.height, self.width)
-        full = np.zeros(shape, dtype=bool)
-        for c in range(_C):
-            box, mask = self.classes[c][0].box, self.masks[c]
-            if box is not None:
-                full[box] |= mask
+        """mle-bench's union term from the current masks of all three classes."""
+        full = np.zeros((self.depth, self.height, self.width), dtype=bool)
+        for (target, _, _), mask in zip(self.classes, self.masks, strict=True):
+            if target.box is not None:
+                full[target.box] |= mask
         key = ("union", self._digest(full))
-        if key in self.by_mask:
-            distance = self.by_mask[key]
-        elif self.square:
-            target = self.union
-            pred = full[target.box] if target.box is not None else full[:0]
-            distance = target.hausdorff(pred, mlebench=True)
-        else:
-            distance = hausdorff_mlebench(mlebench_view(full), self.union_truth)
-        self.by_mask[key] = distance
-        if distance is not None:
-            terms[4 * _C], terms[4 * _C + 1] = distance, 1.0
-        return terms
+        if key not in self.by_mask:
+            if self.square:
+                target = self.union
+                pred = full[target.box] if target.box is not None else full[:0]
+                self.by_mask[key] = target.hausdorff(pred, mlebench=True)
+            else:
+                self.by_mask[key] = hausdorff_mlebench(mlebench_view(full), self.union_truth)
+        return union_terms(self.by_mask[key])
 
     def set(self, c: int, params: ClassPostprocess) -> None:
+        """Class c's current setting and its masks on the box."""
         self.current[c] = params
         self.masks[c] = self._class_mask(c, params)
 
     def terms(self, c: int, params: ClassPostprocess) -> np.ndarray:
-        """The case-day's terms with class c set to ``params`` and the others as they are."""
+        """The case-day's terms with class c set to ``params`` and the others as they are
+        (mle-bench's union term from every class's mask: keyed by all the settings)."""
         key = (c, params) if self.profile == "kaggle" else (c, params, tuple(self.current))
         if key not in self.memo:
             saved = self.current[c], self.masks[c]
             self.set(c, params)
-            terms = self._class_terms(c, self.masks[c])
+            terms = self._class_terms(c)
             if self.profile == "mlebench":
-                terms += self._union_terms()
+                terms = terms + self._union_terms()
             self.current[c], self.masks[c] = saved
             self.memo[key] = terms
-        others = [self.memo_class(k) for k in range(_C) if k != c]
-        return self.memo[key] + sum(others, np.zeros(N_TERMS))
+        return self.memo[key] + sum((self._own_terms(k) for k in range(_C) if k != c), 0)
 
-    def memo_class(self, k: int) -> np.ndarray:
+    def _own_terms(self, k: int) -> np.ndarray:
         """Class k's own terms at its current setting (no union term)."""
         key = ("class", k, self.current[k])
         if key not in self.memo:
-            self.memo[key] = self._class_terms(k, self.masks[k])
+            self.memo[key] = self._class_terms(k)
         return self.memo[key]
 
     def exact(self, settings: Sequence[Sequence[ClassPostprocess]], rows: pd.DataFrame) -> list:
@@ -354,9 +324,8 @@ class _Pool:
 
     def __init__(self, files, rows, profile, low, workers: int) -> None:
         ctx = mp.get_context("fork")
-        shards = [files[k::workers] for k in range(workers)]
         self.conns, self.procs = [], []
-        for shard in shards:
+        for shard in (files[k::workers] for k in range(workers)):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, shard, rows, profile, low), daemon=True)
             proc.start()
@@ -389,22 +358,19 @@ class _Pool:
 
 
 def _check_grid(grid: Mapping[str, Sequence]) -> dict[str, tuple]:
+    """The grid's values as ClassPostprocess validates them (plain Python values, also from
+    np.arange, so the result is JSON), or a ConfigError naming the step and the value."""
     unknown = sorted(set(grid) - set(STEP_NAMES))
     if unknown:
         raise ConfigError(f"tuning grid: unknown step(s) {unknown}; known: {list(STEP_NAMES)}")
-    # Plain Python values (a grid may come from np.arange): json.dump cannot write np.int64.
-    out = {
-        name: tuple(v.item() if isinstance(v, np.generic) else v for v in values)
-        for name, values in grid.items()
-    }
-    for name, values in out.items():
-        if not values:
+    out = {}
+    for name, values in grid.items():
+        if not len(values):
             raise ConfigError(f"tuning grid: no values for {name}")
-        for value in values:
-            try:
-                ClassPostprocess(**{name: value})
-            except ValueError as err:
-                raise ConfigError(f"tuning grid: {name}: {err}") from None
+        try:
+            out[name] = tuple(getattr(ClassPostprocess(**{name: v}), name) for v in values)
+        except ValueError as err:
+            raise ConfigError(f"tuning grid: {name}: {err}") from None
     if "threshold" not in out:
         raise ConfigError("tuning grid: needs threshold values")
     return out
@@ -418,7 +384,7 @@ def _descend(pool: _Pool, profile: str, start: list, grid: dict, steps, sweeps: 
         changed = False
         for c in range(_C):
             for name in steps:
-                candidates = [dataclasses.replace(current[c], **{name: v}) for v in grid[name]]
+                candidates = [current[c].model_copy(update={name: v}) for v in grid[name]]
                 if current[c] not in candidates:
                     candidates.append(current[c])
                 sums = np.sum(pool.ask("eval", c, candidates), axis=0)
@@ -448,10 +414,11 @@ def tune_postprocess(
 
     ``table`` is the train slice table (``load_train_table``) holding the truth; ``grid``
     maps step names to the values to try (default DEFAULT_GRID; a step left out stays off).
-    Returns ``classes`` (the full search's setting per class name), ``thresholds`` and
-    ``min_component_size`` (its first two steps, as older readers expect), ``profile``,
-    ``scores`` ({untuned, thresholds_only, full} -> {score, dice, hausdorff}), ``score`` (the
-    full one), ``baseline_score`` (the untuned one), ``n_case_days`` and ``n_slices``."""
+    Returns ``classes`` (the full search's settings: a ``postprocess`` section, as
+    postprocess.json holds it), ``thresholds_only`` (the same after the first search),
+    ``profile``, ``scores`` ({untuned, thresholds_only, full} -> {score, dice, hausdorff}),
+    ``score`` (the full one), ``baseline_score`` (the untuned one), ``n_case_days`` and
+    ``n_slices``."""
     check_profile(profile)
     grid = _check_grid(DEFAULT_GRID if grid is None else grid)
     files = sorted(
@@ -492,10 +459,8 @@ def tune_postprocess(
     n_slices = sum(depth for _, (depth, _) in per_day)
     return {
         "profile": profile,
-        "classes": {name: full[c].to_dict() for c, name in enumerate(CLASSES)},
-        "thresholds": [p.threshold for p in full],
-        "min_component_size": [p.min_size for p in full],
-        "thresholds_only": {name: thresholds_only[c].to_dict() for c, name in enumerate(CLASSES)},
+        "classes": _section(full).model_dump(),
+        "thresholds_only": _section(thresholds_only).model_dump(),
         "scores": scores,
         "score": scores["full"]["score"],
         "baseline_score": scores["untuned"]["score"],
@@ -504,6 +469,5 @@ def tune_postprocess(
     }
 
 
-def save_postprocess(result: dict, path: Path) -> None:
-    """Write the tuned settings as JSON (atomically) where infer.py looks for them."""
-    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+def _section(per_class: Sequence[ClassPostprocess]) -> PostprocessConfig:
+    return PostprocessConfig(**dict(zip(CLASSES, per_class, strict=True)))

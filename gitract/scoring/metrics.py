@@ -40,9 +40,11 @@ from gitract.errors import ConfigError, DataError, RLEError
 __all__ = [
     "N_TERMS",
     "PROFILES",
+    "bounding_box",
     "SegMetricAccumulator",
     "VolumeScoreAccumulator",
     "check_profile",
+    "class_terms",
     "classic_metrics",
     "competition_score",
     "hausdorff_mlebench",
@@ -50,6 +52,10 @@ __all__ = [
     "terms_summary",
     "volume_terms",
     "dice_2d",
+    "dice_terms",
+    "directed_distance",
+    "row_counts",
+    "union_terms",
     "dice_iou_per_class",
     "hausdorff_3d",
 ]
@@ -159,19 +165,11 @@ class SegMetricAccumulator:
 
     def compute(self) -> dict[str, float]:
         """Means so far: ``dice``, ``iou``, ``dice_<class>``, ``iou_<class>``."""
-        if self.count == 0:
-            nan = float("nan")
-            out = {"dice": nan, "iou": nan}
-            for name in self.classes:
-                out[f"dice_{name}"] = nan
-                out[f"iou_{name}"] = nan
-            return out
-        dice = self.dice_sum / self.count
-        iou = self.iou_sum / self.count
+        count = self.count or float("nan")  # nothing added yet: NaN everywhere
+        dice, iou = self.dice_sum / count, self.iou_sum / count
         out = {"dice": float(dice.mean()), "iou": float(iou.mean())}
         for i, name in enumerate(self.classes):
-            out[f"dice_{name}"] = float(dice[i])
-            out[f"iou_{name}"] = float(iou[i])
+            out[f"dice_{name}"], out[f"iou_{name}"] = float(dice[i]), float(iou[i])
         return out
 
 
@@ -192,19 +190,17 @@ def dice_2d(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(pred, truth).sum()) / total
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, ...] | None:
-    """(z0, z1, y0, y1, x0, x1) of the True voxels of a (D, H, W) mask, None when it is empty.
-
-    Only the z-range reads the whole volume (one any() pass); y and x then come from the
-    footprint of that slab, which for an organ is a small part of the volume.
-    """
-    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
+    """The (z, y, x) slices of the smallest box holding every True voxel of the (D, H, W)
+    ``masks``; None when all are empty. Only the z-range reads whole volumes (one any() pass
+    each); y and x come from the footprint of that slab, for an organ a small part of it."""
+    zs = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks]))
     if zs.size == 0:
         return None
-    footprint = mask[zs[0] : zs[-1] + 1].any(axis=0)
-    ys = np.flatnonzero(footprint.any(axis=1))
-    xs = np.flatnonzero(footprint.any(axis=0))
-    return (int(zs[0]), int(zs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
+    z = slice(int(zs[0]), int(zs[-1]) + 1)
+    foot = np.logical_or.reduce([m[z].any(axis=0) for m in masks])
+    ys, xs = np.flatnonzero(foot.any(axis=1)), np.flatnonzero(foot.any(axis=0))
+    return z, slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
 
 # OpenCV returns float32 distances; squaring and rounding gives back the exact integer squared
@@ -269,7 +265,7 @@ def _max_distance_ft(
     return math.sqrt(float(d2.max()))
 
 
-def _directed(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
+def directed_distance(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
     """Directed Hausdorff distance a -> b of two non-empty masks (max over a of the distance
     to b). Voxels of a inside b are at distance 0, so only a \\ b is searched. Every voxel of
     a must be looked at, not just a's surface: a's voxel farthest from b can lie inside a
@@ -283,23 +279,16 @@ def _directed(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float
     return _max_distance_ft(b, points, spacing)
 
 
-def hausdorff_3d(
-    pred: np.ndarray,
-    truth: np.ndarray,
-    crop: bool = True,
-    shape: tuple[int, int, int] | None = None,
-) -> float | None:
+def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> float | None:
     """Normalised symmetric Hausdorff distance of two (D, H, W) masks, in [0, 1].
 
     Voxel (z, y, x) sits at (z / D, y / H, x / W); the distance is divided by sqrt(3). Returns
     None when both are empty (the competition skips such volumes) and 1.0 when exactly one is.
 
-    Exact, from distance transforms rather than pairwise point distances (see ``_directed``).
-    With ``crop`` both masks are first cut to the bounding box of their union: every voxel of
-    A and of B lies inside it, so the distances are unchanged (the sampling still comes from
-    the full shape) and the transforms run on far fewer voxels. ``shape`` is the whole
-    volume's (D, H, W) when ``pred`` and ``truth`` are already a crop of it that holds every
-    voxel of both (the tuner keeps such crops).
+    Exact, from distance transforms rather than pairwise point distances
+    (:func:`directed_distance`). With ``crop`` both masks are first cut to the bounding box of
+    their union: every voxel of A and of B lies inside it, so the distances are unchanged (the
+    sampling still comes from the full shape) and the transforms run on far fewer voxels.
     """
     pred = np.asarray(pred).astype(bool, copy=False)
     truth = np.asarray(truth).astype(bool, copy=False)
@@ -308,18 +297,19 @@ def hausdorff_3d(
             f"hausdorff_3d needs two (D, H, W) masks of the same shape; got {pred.shape} and "
             f"{truth.shape}"
         )
-    box_pred, box_truth = _bbox(pred), _bbox(truth)
+    box_pred, box_truth = bounding_box(pred), bounding_box(truth)
     if box_pred is None and box_truth is None:
         return None
     if box_pred is None or box_truth is None:
         return 1.0
-    spacing = tuple(1.0 / n for n in (shape or pred.shape))
+    spacing = tuple(1.0 / n for n in pred.shape)
     if crop:
-        lo = np.minimum(box_pred, box_truth)[0::2]
-        hi = np.maximum(box_pred, box_truth)[1::2]
-        box = tuple(slice(int(s), int(e)) for s, e in zip(lo, hi, strict=True))
+        box = tuple(
+            slice(min(a.start, b.start), max(a.stop, b.stop))
+            for a, b in zip(box_pred, box_truth, strict=True)
+        )
         pred, truth = pred[box], truth[box]
-    distance = max(_directed(pred, truth, spacing), _directed(truth, pred, spacing))
+    distance = max(directed_distance(pred, truth, spacing), directed_distance(truth, pred, spacing))
     return distance / _SQRT3
 
 
@@ -411,6 +401,43 @@ def _check_volume(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
     return pred, truth
 
 
+def row_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per slice of two (D, H, W) masks: predicted, true and common pixels (three (D,) arrays)."""
+    p, t = pred.reshape(len(pred), -1), truth.reshape(len(truth), -1)
+    return np.count_nonzero(p, axis=1), np.count_nonzero(t, axis=1), np.count_nonzero(p & t, axis=1)
+
+
+def dice_terms(
+    n_pred: np.ndarray, n_true: np.ndarray, inter: np.ndarray, profile: str
+) -> tuple[float, float]:
+    """The Dice sum and the number of rows it is over, from :func:`row_counts`: kaggle counts
+    every row, a both-empty one scoring 1; mle-bench leaves both-empty rows out (NaN there)."""
+    total = n_pred + n_true
+    dice = 2.0 * inter / np.maximum(total, 1)
+    if profile == "kaggle":
+        return float(np.where(total == 0, 1.0, dice).sum()), float(len(total))
+    return float(dice[total > 0].sum()), float(np.count_nonzero(total > 0))
+
+
+def class_terms(c: int, dice_sum: float, rows: float, hausdorff: float | None = None) -> np.ndarray:
+    """A term vector holding class ``c``'s Dice sum over ``rows`` rows and, unless None (a
+    volume empty on both sides, or the mlebench profile), its volume's Hausdorff."""
+    terms = np.zeros(N_TERMS)
+    terms[_DICE][c], terms[_ROWS][c] = dice_sum, rows
+    if hausdorff is not None:
+        terms[_HD][c], terms[_VOLS][c] = hausdorff, 1.0
+    return terms
+
+
+def union_terms(hausdorff: float | None) -> np.ndarray:
+    """A term vector holding mle-bench's Hausdorff of a case-day's union of the classes (none
+    when it is None: both empty, skipped)."""
+    terms = np.zeros(N_TERMS)
+    if hausdorff is not None:
+        terms[_UNION], terms[_UNION + 1] = hausdorff, 1.0
+    return terms
+
+
 def volume_terms(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -430,24 +457,9 @@ def volume_terms(
     n_pixels = pred.shape[2] * pred.shape[3]
     for c in classes:
         p, t = pred[:, c], truth[:, c]
-        n_p = np.count_nonzero(p.reshape(len(p), -1), axis=1)
-        n_t = np.count_nonzero(t.reshape(len(t), -1), axis=1)
-        inter = np.count_nonzero((p & t).reshape(len(p), -1), axis=1)
-        total = n_p + n_t
-        both_empty = total == 0
-        dice = 2.0 * inter / np.maximum(total, 1)
-        if profile == "kaggle":
-            # A row where both are empty scores 1 and counts.
-            terms[_DICE][c] = float(np.where(both_empty, 1.0, dice).sum())
-            terms[_ROWS][c] = len(p)
-            distance = hausdorff_3d(p, t)
-            if distance is not None:
-                terms[_HD][c] = distance
-                terms[_VOLS][c] = 1.0
-        else:
-            # mle-bench: both-empty rows are NaN and left out of the (nan)mean.
-            terms[_DICE][c] = float(dice[~both_empty].sum())
-            terms[_ROWS][c] = float(np.count_nonzero(~both_empty))
+        n_p, n_t, inter = row_counts(p, t)
+        distance = hausdorff_3d(p, t) if profile == "kaggle" else None
+        terms += class_terms(c, *dice_terms(n_p, n_t, inter, profile), distance)
         tp, n_pred, n_true = int(inter.sum()), int(n_p.sum()), int(n_t.sum())
         terms[_TP][c] = tp
         terms[_FP][c] = n_pred - tp
@@ -456,10 +468,7 @@ def volume_terms(
     if profile == "mlebench" and classes:
         union_pred = mlebench_view(pred[:, classes].any(axis=1))
         union_truth = mlebench_view(truth[:, classes].any(axis=1))
-        distance = hausdorff_mlebench(union_pred, union_truth)
-        if distance is not None:
-            terms[_UNION] = distance
-            terms[_UNION + 1] = 1.0
+        terms += union_terms(hausdorff_mlebench(union_pred, union_truth))
     return terms
 
 
