@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -59,6 +59,11 @@ SCAN_COLUMNS: tuple[str, ...] = (
     "spacing_h",
     "spacing_w",
 )
+_SCAN_DTYPES = {
+    **dict.fromkeys(SCAN_COLUMNS, "int64"),
+    **dict.fromkeys(("id", "case_day", "path"), object),
+    **dict.fromkeys(("spacing_h", "spacing_w"), "float64"),
+}
 _CSV_COLUMNS = ("id", "class", "segmentation")
 _FIRST_FEW = 3  # how many offending ids an error message names
 
@@ -136,15 +141,6 @@ def parse_slice_path(path: Path) -> SliceInfo:
     )
 
 
-def _empty_scan() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in SCAN_COLUMNS})
-    for column in ("id", "case_day", "path"):
-        frame[column] = frame[column].astype(object)
-    for column in ("spacing_h", "spacing_w"):
-        frame[column] = frame[column].astype("float64")
-    return frame
-
-
 def _first_few(values: Iterable[str]) -> str:
     values = list(values)
     shown = ", ".join(values[:_FIRST_FEW])
@@ -158,25 +154,14 @@ def scan_images(image_dir: Path) -> pd.DataFrame:
     kernel's ``test/`` is empty, and inference must still run.
     """
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        return _empty_scan()
-    infos = [(parse_slice_path(p), str(p)) for p in image_dir.rglob("*.png")]
-    if not infos:
-        return _empty_scan()
-    frame = pd.DataFrame(
-        {
-            "id": [i.id for i, _ in infos],
-            "case": [i.case for i, _ in infos],
-            "day": [i.day for i, _ in infos],
-            "case_day": [f"case{i.case}_day{i.day}" for i, _ in infos],
-            "slice": [i.slice for i, _ in infos],
-            "path": [p for _, p in infos],
-            "height": [i.height for i, _ in infos],
-            "width": [i.width for i, _ in infos],
-            "spacing_h": [i.spacing_h for i, _ in infos],
-            "spacing_w": [i.spacing_w for i, _ in infos],
-        }
-    )
+    paths = image_dir.rglob("*.png") if image_dir.is_dir() else []
+    rows = []
+    for path in paths:
+        info = parse_slice_path(path)
+        rows.append(
+            {**asdict(info), "case_day": f"case{info.case}_day{info.day}", "path": str(path)}
+        )
+    frame = pd.DataFrame(rows, columns=list(SCAN_COLUMNS)).astype(_SCAN_DTYPES)
     dup = frame["id"].duplicated(keep=False)
     if dup.any():
         first = frame.loc[dup, "id"].iloc[0]
@@ -185,7 +170,6 @@ def scan_images(image_dir: Path) -> pd.DataFrame:
             f"{image_dir}: {int(dup.sum())} image files share a slice id, e.g. {first}: "
             + " and ".join(paths[:2])
         )
-    frame = frame.astype({c: "int64" for c in ("case", "day", "slice", "height", "width")})
     return frame.sort_values(["case", "day", "slice"], ignore_index=True)
 
 
@@ -308,27 +292,15 @@ def load_train_table(data_dir: Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -
     return table.sort_values(["case", "day", "slice"], ignore_index=True)
 
 
-def _diagnose_unreadable(path: Path) -> str:
-    """Say why OpenCV could not decode ``path``; only called on the error path."""
-    if not path.exists():
-        return "image not found"
-    if path.is_dir():
-        return "is a folder, not an image"
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(len(_PNG_SIGNATURE))
-            fh.seek(max(size - len(_PNG_TRAILER), 0))
-            tail = fh.read()
-    except OSError as exc:
-        return f"cannot open image ({exc.strerror or exc})"
-    if size == 0:
+def _png_framing(data: np.ndarray) -> str | None:
+    """What is wrong with a file's first and last bytes for a PNG, or None if nothing."""
+    if data.size == 0:
         return "image file is empty (0 bytes)"
-    if head == _PNG_SIGNATURE and tail != _PNG_TRAILER:
-        return f"truncated PNG ({size} bytes, no IEND chunk at the end); re-download it"
-    if head != _PNG_SIGNATURE:
+    if data[: len(_PNG_SIGNATURE)].tobytes() != _PNG_SIGNATURE:
         return "unreadable image (not a PNG: wrong file signature)"
-    return "unreadable image (corrupt PNG data)"
+    if data[-len(_PNG_TRAILER) :].tobytes() != _PNG_TRAILER:
+        return f"truncated PNG ({data.size} bytes, no IEND chunk at the end); re-download it"
+    return None
 
 
 def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -341,16 +313,18 @@ def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     path = Path(path)
     try:
         buffer = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}") from None
+    except OSError as exc:
+        if not path.exists():
+            raise DataError(f"{path}: image not found") from None
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not an image") from None
+        raise DataError(f"{path}: cannot open image ({exc.strerror or exc})") from None
     # libpng reports a truncated file on stderr itself ("libpng error: Read Error"), which
     # would break the one-line error: check the PNG's first and last bytes before decoding.
-    head, tail = buffer[: len(_PNG_SIGNATURE)], buffer[len(buffer) - len(_PNG_TRAILER) :]
-    if head.tobytes() != _PNG_SIGNATURE or tail.tobytes() != _PNG_TRAILER:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    problem = _png_framing(buffer)
+    image = None if problem else cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
+        raise DataError(f"{path}: {problem or 'unreadable image (corrupt PNG data)'}")
     if image.dtype != np.uint16 or image.ndim != 2:
         channels = "grayscale" if image.ndim == 2 else f"{image.shape[2]}-channel"
         raise DataError(
