@@ -200,15 +200,12 @@ def read_csv_file(
     return frame
 
 
-def _read_train_csv(csv_path: Path) -> pd.DataFrame:
+def _read_annotations(csv_path: Path) -> pd.DataFrame:
+    """``train.csv``'s rows; an empty file, malformed ids, unknown classes and duplicates are
+    refused, naming the CSV line (header = 1)."""
     ann = read_csv_file(csv_path, _CSV_COLUMNS, hint=" (is the data dir right?)")
     if ann.empty:
         raise DataError(f"{csv_path}: no rows under the header (an empty train.csv)")
-    return ann[list(_CSV_COLUMNS)]
-
-
-def _check_annotations(ann: pd.DataFrame, csv_path: Path) -> None:
-    """Reject malformed ids, unknown classes and duplicates, naming the CSV line (header = 1)."""
     line = ann.index.to_numpy() + 2
     bad_id = ~ann["id"].str.fullmatch(_ID_RE)
     if bad_id.any():
@@ -231,6 +228,7 @@ def _check_annotations(ann: pd.DataFrame, csv_path: Path) -> None:
             f"{csv_path}: {int(dup.sum())} duplicated (id, class) row(s), first at line "
             f"{line[i]}: ({ann['id'].iloc[i]}, {ann['class'].iloc[i]})"
         )
+    return ann[list(_CSV_COLUMNS)]
 
 
 def _check_exclude(exclude: Sequence[str]) -> set[str]:
@@ -252,8 +250,7 @@ def load_train_table(data_dir: Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -
     data_dir = Path(data_dir)
     csv_path = data_dir / "train.csv"
     excluded = _check_exclude(exclude)
-    ann = _read_train_csv(csv_path)
-    _check_annotations(ann, csv_path)
+    ann = _read_annotations(csv_path)
 
     # The long format (3 rows per slice) becomes one row per slice with a column per class.
     wide = ann.pivot(index="id", columns="class", values="segmentation")
