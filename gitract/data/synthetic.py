@@ -501,16 +501,6 @@ def _plan(n_cases: int, n_slices: int, seed: int) -> list[_CaseDay]:
     return plan
 
 
-def _slice_id(cd: _CaseDay, number: int) -> str:
-    return f"{cd.name}_slice_{number:04d}"
-
-
-def _slice_file(root: Path, cd: _CaseDay, number: int) -> Path:
-    width, height, spacing = cd.size
-    name = f"slice_{number:04d}_{width}_{height}_{spacing:.2f}_{spacing:.2f}.png"
-    return root / cd.split / f"case{cd.case}" / cd.name / "scans" / name
-
-
 def _labels_csv(rows: list[tuple[str, str, str]], header: str) -> str:
     return header + "\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows)
 
@@ -566,14 +556,16 @@ def _write_case_day(job: tuple[_CaseDay, int, Path]) -> tuple[list[tuple[str, st
     rng = np.random.default_rng([seed, 2, cd.case, cd.day])
     day = _day_geometry(anatomy, rng)
     images, masks = _render_day(anatomy, day, cd.size, cd.n_slices, rng)
+    width, height, spacing = cd.size
+    scans = root / cd.split / f"case{cd.case}" / cd.name / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(cd.n_slices):
         number = index + 1
-        path = _slice_file(root, cd, number)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = scans / f"slice_{number:04d}_{width}_{height}_{spacing:.2f}_{spacing:.2f}.png"
         if not cv2.imwrite(str(path), images[index], _PNG_PARAMS):
             raise DataError(f"{path}: cv2 could not write the image")
-        sid = _slice_id(cd, number)
+        sid = f"{cd.name}_slice_{number:04d}"
         rows += [(sid, name, rle_encode(masks[index, ..., k])) for k, name in enumerate(CLASSES)]
     return rows, int(masks.any(axis=(1, 2, 3)).sum())
 
