@@ -47,23 +47,14 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("case7_day0", "case81_day30")
 KAGGLE_INPUT = Path("/kaggle/input/uw-madison-gi-tract-image-segmentation")
 SYNTHETIC_DIR = Path("data/synthetic")
 
-SCAN_COLUMNS: tuple[str, ...] = (
-    "id",
-    "case",
-    "day",
-    "case_day",
-    "slice",
-    "path",
-    "height",
-    "width",
-    "spacing_h",
-    "spacing_w",
-)
-_SCAN_DTYPES = {
-    **dict.fromkeys(SCAN_COLUMNS, "int64"),
-    **dict.fromkeys(("id", "case_day", "path"), object),
-    **dict.fromkeys(("spacing_h", "spacing_w"), "float64"),
-}
+# scan_images' columns and their dtypes: a slice's ids, its file, and size and pixel spacing
+# from the file's name.
+_SCAN_DTYPES: dict[str, object] = {
+    "id": object, "case": "int64", "day": "int64", "case_day": object, "slice": "int64",
+    "path": object, "height": "int64", "width": "int64", "spacing_h": "float64",
+    "spacing_w": "float64",
+}  # fmt: skip
+SCAN_COLUMNS: tuple[str, ...] = tuple(_SCAN_DTYPES)
 _CSV_COLUMNS = ("id", "class", "segmentation")
 _FIRST_FEW = 3  # how many offending ids an error message names
 
