@@ -632,7 +632,7 @@ def generate(
     labels_csv = labels_dir / "test_labels.csv"
     write_text_atomic(labels_csv, _labels_csv(rows["test"], "id,class,segmentation"))
 
-    sizes = Counter(f"{w}x{h}@{s:.2f}" for w, h, s in (cd.size for cd in plan))
+    per_size = Counter(cd.size for cd in plan)
     return SyntheticSummary(
         out_dir=out_dir,
         labels_csv=labels_csv,
@@ -643,6 +643,6 @@ def generate(
         slices_per_day=tuple(sorted({cd.n_slices for cd in plan}, reverse=True)),
         n_slices=sum(cd.n_slices for cd in plan),
         n_slices_with_organ=with_organ,
-        sizes={f"{w}x{h}@{s:.2f}": sizes[f"{w}x{h}@{s:.2f}"] for w, h, s in SIZES},
+        sizes={f"{w}x{h}@{s:.2f}": per_size[w, h, s] for w, h, s in SIZES},
         seconds=time.perf_counter() - start,
     )
