@@ -152,20 +152,13 @@ def _case_anatomy(rng: np.random.Generator) -> _Anatomy:
             axis=1,
         )
         loops.append((ctrl, float(rng.uniform(0.085, 0.105))))
-    stomach = {
-        "u": rng.uniform(0.28, 0.40),
-        "v": rng.uniform(-0.30, -0.18),
-        "t": rng.uniform(0.56, 0.59),
-        "ru": rng.uniform(0.27, 0.33),
-        "rv": rng.uniform(0.20, 0.26),
-        "ht": rng.uniform(0.10, 0.12),
-        "tilt_u": rng.uniform(-0.12, 0.12),
-        "tilt_v": rng.uniform(-0.08, 0.08),
-        "a2": rng.uniform(0.05, 0.12),
-        "p2": rng.uniform(0, 2 * np.pi),
-        "a3": rng.uniform(0.03, 0.08),
-        "p3": rng.uniform(0, 2 * np.pi),
-    }
+    stomach = {  # centre; radii across and half-height; drift with depth; 2- and 3-fold lobes
+        "u": rng.uniform(0.28, 0.40), "v": rng.uniform(-0.30, -0.18), "t": rng.uniform(0.56, 0.59),
+        "ru": rng.uniform(0.27, 0.33), "rv": rng.uniform(0.20, 0.26), "ht": rng.uniform(0.10, 0.12),
+        "tilt_u": rng.uniform(-0.12, 0.12), "tilt_v": rng.uniform(-0.08, 0.08),
+        "a2": rng.uniform(0.05, 0.12), "p2": rng.uniform(0, 2 * np.pi),
+        "a3": rng.uniform(0.03, 0.08), "p3": rng.uniform(0, 2 * np.pi),
+    }  # fmt: skip
     gains = {name: rng.uniform(0.92, 1.08) for name in ("body", "lb", "sb", "st", "other")}
     return _Anatomy(
         body_mm=(rng.uniform(150, 175), rng.uniform(112, 132)),
