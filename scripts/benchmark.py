@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +100,28 @@ FULL = Sizes(5, 3, 32, 120, 4, 32, 274, (144, 266, 266))
 QUICK = Sizes(2, 2, 12, 16, 3, 8, 12, (48, 96, 96), 4, (64, 64), ("data.img_size=[64, 64]",))
 
 
-def best_rate(fn: Callable[[], int], rounds: int) -> float:
-    """Items per second of ``fn`` (which returns how many items it did), best of ``rounds``:
-    the minimum is the least disturbed by whatever else the machine is doing."""
-    best = 0.0
+def best_rates(fns: Sequence[Callable[[], int]], rounds: int) -> list[float]:
+    """Items per second of each ``fn`` (which returns how many items it did), best of
+    ``rounds``: the best is the least disturbed by whatever else the machine is doing. The
+    rounds interleave the functions, so every one sees the same background load."""
+    best = [0.0] * len(fns)
     for _ in range(rounds):
-        start = time.perf_counter()
-        n = fn()
-        best = max(best, n / (time.perf_counter() - start))
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            n = fn()
+            best[k] = max(best[k], n / (time.perf_counter() - start))
     return best
+
+
+def each(fn: Callable[..., Any], calls: Sequence[tuple]) -> Callable[[], int]:
+    """A timed body: ``fn(*args)`` for every ``args`` in ``calls``; returns how many."""
+
+    def go() -> int:
+        for args in calls:
+            fn(*args)
+        return len(calls)
+
+    return go
 
 
 @contextmanager
@@ -127,9 +140,10 @@ def single_thread() -> Iterator[None]:
 # ------------------------------------------------------------------------------------ RLE
 
 
-def _synthetic_annotations(n: int = 3000) -> list[tuple[str, int, int]]:
+def _synthetic_annotations(n: int = 3000) -> dict[tuple[int, int], list[str]]:
+    """Elliptical masks of the real sizes: their RLE strings per (height, width)."""
     rng = np.random.default_rng(0)
-    rows = []
+    by_shape: dict[tuple[int, int], list[str]] = {}
     for _ in range(n):
         h, w = (310, 360) if rng.random() < 0.2 else (266, 266)
         yy, xx = np.ogrid[:h, :w]
@@ -139,8 +153,8 @@ def _synthetic_annotations(n: int = 3000) -> list[tuple[str, int, int]]:
             *rng.uniform(8, 40, 2),
         )
         mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        rows.append((rle_encode(mask), h, w))
-    return rows
+        by_shape.setdefault((h, w), []).append(rle_encode(mask))
+    return by_shape
 
 
 def _annotation_groups() -> tuple[list[tuple[list[str], tuple[int, int]]], str]:
@@ -154,11 +168,7 @@ def _annotation_groups() -> tuple[list[tuple[list[str], tuple[int, int]]], str]:
             for _, g in frame.groupby(["case_day", "class"], sort=False)
         ]
         return groups, f"real ({REAL_ANNOTATIONS.name})"
-    rows = _synthetic_annotations()
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for rle, h, w in rows:
-        by_shape.setdefault((h, w), []).append(rle)
-    groups = [(rles[i : i + 64], shape) for shape, rles in by_shape.items()
+    groups = [(rles[i : i + 64], shape) for shape, rles in _synthetic_annotations().items()
               for i in range(0, len(rles), 64)]  # fmt: skip
     return groups, "synthetic (real annotations absent)"
 
@@ -170,34 +180,16 @@ def bench_rle(sizes: Sizes) -> dict[str, Any]:
         naive_stack = np.stack([naive_rle_decode(rle, shape) for rle in rles])
         assert np.array_equal(rle_decode_many(rles, shape), naive_stack)
 
-    def per_mask(decode: Callable[[str, tuple[int, int]], np.ndarray]) -> Callable[[], int]:
-        def go() -> int:
-            for rle, shape in rows:
-                decode(rle, shape)
-            return len(rows)
-
-        return go
-
     def per_column() -> int:
         for rles, shape in groups:
             rle_decode_many(rles, shape)
-        return len(rows)
+        return len(rows)  # masks, as the per-mask decoders count
 
-    # Interleaved rounds: every decoder sees the same background load.
-    many = single = naive = 0.0
-    for _ in range(sizes.rle_rounds):
-        many = max(many, best_rate(per_column, 1))
-        single = max(single, best_rate(per_mask(rle_decode), 1))
-        naive = max(naive, best_rate(per_mask(naive_rle_decode), 1))
+    decoders = [per_column, each(rle_decode, rows), each(naive_rle_decode, rows)]
+    many, single, naive = best_rates(decoders, sizes.rle_rounds)
     masks = [rle_decode(rle, shape) for rle, shape in rows]
     pixels = sum(m.size for m in masks)
-
-    def encode_all() -> int:
-        for mask in masks:
-            rle_encode(mask)
-        return len(masks)
-
-    encode = best_rate(encode_all, sizes.rle_rounds)
+    [encode] = best_rates([each(rle_encode, [(m,) for m in masks])], sizes.rle_rounds)
     non_empty = [rle for rle, _ in rows if rle]
     return {
         # What the data path uses: a (case-day, class) column at once (rle_decode_many).
@@ -231,26 +223,13 @@ def bench_loader(sizes: Sizes, work: Path) -> dict[str, Any]:
     fast_ds.transform.set_random_seed(0)
     naive_ds.transform.set_random_seed(0)
     rng = random.Random(0)
-    picks = [rng.randrange(len(table)) for _ in range(sizes.loader_samples)]
-
-    def run(dataset: Any) -> Callable[[], int]:
-        def go() -> int:
-            for index in picks:
-                dataset[index]
-            return len(picks)
-
-        return go
-
-    fast = naive = fast_plain = naive_plain = 0.0
+    picks = [(rng.randrange(len(table)),) for _ in range(sizes.loader_samples)]
+    loaders = [each(fast_ds.__getitem__, picks), each(naive_ds.__getitem__, picks)]
     with single_thread():
-        for _ in range(3):
-            fast = max(fast, best_rate(run(fast_ds), 1))
-            naive = max(naive, best_rate(run(naive_ds), 1))
+        fast, naive = best_rates(loaders, 3)
         # The same without augmentations: what the loaders themselves cost.
         fast_ds.transform = naive_ds.transform = None
-        for _ in range(2):
-            fast_plain = max(fast_plain, best_rate(run(fast_ds), 1))
-            naive_plain = max(naive_plain, best_rate(run(naive_ds), 1))
+        fast_plain, naive_plain = best_rates(loaders, 2)
     return {
         "loader_speedup_without_aug": fast_plain / naive_plain,
         "loader_samples_per_s_per_core_without_aug": fast_plain,
@@ -367,7 +346,7 @@ def bench_inference(data: Path, runs: Path, work: Path, device: torch.device) ->
             torch.cuda.synchronize()
         return len(stack)
 
-    model_only = best_rate(forward, 2)
+    [model_only] = best_rates([forward], 2)
     return {
         f"inference_efficiency{suffix}": warm / model_only,
         f"inference_efficiency_cold{suffix}": cold / model_only,
@@ -484,7 +463,6 @@ def _tuning_set(sizes: Sizes, work: Path) -> pd.DataFrame:
 def bench_tuning(sizes: Sizes, work: Path) -> dict[str, Any]:
     """The default post-processing search at the real data's size, every core."""
     table = _tuning_set(sizes, work / "tuning")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     start = time.perf_counter()
     result = tune_postprocess(work / "tuning" / "oof_probs", table, "kaggle", progress=False)
     seconds = time.perf_counter() - start
@@ -493,12 +471,16 @@ def bench_tuning(sizes: Sizes, work: Path) -> dict[str, Any]:
         "tuning_seconds_per_case_day": seconds / sizes.tuning_days,
         "tuning_case_days": sizes.tuning_days,
         "tuning_slices": int(result["n_slices"]),
-        "tuning_cores": cores,
+        "tuning_cores": _cores(),
         "tuning_scores": {k: round(v["score"], 5) for k, v in result["scores"].items()},
     }
 
 
 # ---------------------------------------------------------------------------------- report
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def machine() -> dict[str, Any]:
@@ -510,10 +492,9 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,
-        "cores": cores,
+        "cores": _cores(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": str(torch.__version__),

@@ -56,11 +56,11 @@ def parse_args() -> argparse.Namespace:
         help=f"with --tune: coordinate-descent sweeps (default {DEFAULT_SWEEPS})",
     )  # fmt: skip
     parser.add_argument(
-        "--thresholds", type=float, nargs="+",
+        "--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
         help=f"with --tune: thresholds to try (default {' '.join(map(str, DEFAULT_THRESHOLDS))})",
     )  # fmt: skip
     parser.add_argument(
-        "--min-sizes", type=int, nargs="+",
+        "--min-sizes", type=int, nargs="+", default=DEFAULT_MIN_SIZES,
         help="with --tune: 2D minimum component sizes to try "
         f"(default {' '.join(map(str, DEFAULT_MIN_SIZES))})",
     )  # fmt: skip
@@ -84,11 +84,11 @@ def main() -> None:
         runs = Path(args.runs)
         out = Path(args.out) if args.out else runs / POSTPROCESS_FILE
         table = load_train_table(data_dir, exclude=())
-        grid = dict(DEFAULT_GRID)
-        if args.thresholds:
-            grid["threshold"] = tuple(args.thresholds)
-        if args.min_sizes:
-            grid["min_size"] = tuple(args.min_sizes)
+        grid = {
+            **DEFAULT_GRID,
+            "threshold": tuple(args.thresholds),
+            "min_size": tuple(args.min_sizes),
+        }
         result = tune_postprocess(
             runs / OOF_PROBS_DIR, table, args.metric, grid, sweeps=args.sweeps,
             workers=args.workers, progress=not args.no_progress,

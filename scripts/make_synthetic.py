@@ -3,8 +3,10 @@
     python scripts/make_synthetic.py --out data/synthetic [--labels-out data/synthetic_labels]
         [--cases N] [--slices S] [--seed X] [--workers W]
 
-The hidden test labels go OUTSIDE the data folder (default: ``<out>_labels/test_labels.csv``),
-so nothing that reads the data folder can peek at them.
+``--out`` gets train/ and test/ (16-bit PNGs), train.csv and sample_submission.csv. The hidden
+test labels go OUTSIDE it (default: ``<out>_labels/test_labels.csv``), so nothing that reads the
+data folder can peek at them. About a fifth of the cases (at least one) are test cases; each
+case has 2-3 days. The same arguments give byte-identical files; rerunning replaces the data set.
 """
 
 from __future__ import annotations
@@ -13,26 +15,12 @@ import argparse
 from pathlib import Path
 
 from gitract.cli import run_main
-from gitract.data.synthetic import (
-    DEFAULT_CASES,
-    DEFAULT_SEED,
-    DEFAULT_SLICES,
-    generate,
-    short_day_slices,
-)
+from gitract.data.synthetic import DEFAULT_CASES, DEFAULT_SEED, DEFAULT_SLICES, generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=(
-            "Write a synthetic UW-Madison GI Tract data set in the Kaggle layout: train/ and "
-            "test/ (16-bit PNGs), train.csv, sample_submission.csv, and the hidden "
-            "test_labels.csv in a separate folder. About a fifth of the cases (at least one) "
-            "are test cases; each case has 2-3 days. Defaults: "
-            f"{DEFAULT_CASES} cases, long days of {DEFAULT_SLICES} slices and short days of "
-            f"{short_day_slices(DEFAULT_SLICES)}, seed {DEFAULT_SEED}. "
-            "The same arguments give byte-identical files; rerunning replaces the data set."
-        ),
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--out",
@@ -43,7 +31,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--labels-out",
         type=Path,
-        default=None,
         help="folder for test_labels.csv, outside --out (default: <out>_labels)",
     )
     parser.add_argument(
@@ -58,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help="random seed, >= 0 (default: %(default)s)"
     )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="processes (default: one per CPU)"
-    )
+    parser.add_argument("--workers", type=int, help="processes (default: one per CPU)")
     return parser.parse_args(argv)
 
 

@@ -31,9 +31,7 @@ from gitract.data.rle import rle_decode_many
 __all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir", "unpack_mask"]
 
 # Bit c of a packed mask byte is class c: row k of this table is byte k's (3,) 0/1 mask.
-_UNPACK = ((np.arange(8, dtype=np.uint8)[:, None] >> np.arange(3, dtype=np.uint8)) & 1).astype(
-    np.uint8
-)
+_UNPACK = (np.arange(8, dtype=np.uint8)[:, None] >> np.arange(3, dtype=np.uint8)) & 1
 # Robust intensity window per case-day: the 16-bit MRI range differs between scanners and days.
 PERCENTILES = (0.5, 99.5)
 # Part of every entry's key: entries of an older layout (raw .u16 files) are simply not found.

@@ -91,25 +91,20 @@ def make_folds(table: pd.DataFrame, n_splits: int = 5, seed: int = 42) -> pd.Dat
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         for k, (_, val_idx) in enumerate(splitter.split(table, labels, groups=table["case"])):
             fold[val_idx] = k
-    out = table[list(_KEY_COLUMNS)].copy()
-    out["fold"] = fold
-    return pd.concat([out, _empty_flags(table)], axis=1)
+    return pd.concat([table[list(_KEY_COLUMNS)].assign(fold=fold), _empty_flags(table)], axis=1)
 
 
 def fold_summary(folds: pd.DataFrame) -> pd.DataFrame:
     """Per fold: number of cases, slices and non-empty slices of each class (plus a total row)."""
-    nonempty = ~folds[list(EMPTY_COLUMNS)].astype(bool)
-    nonempty.columns = list(CLASSES)
-    frame = pd.concat([folds[["fold", "case"]], nonempty], axis=1)
-    grouped = frame.groupby("fold")
-    summary = pd.DataFrame({"cases": grouped["case"].nunique(), "slices": grouped.size()}).join(
-        grouped[list(CLASSES)].sum()
+    organs = folds[["case"]].assign(
+        **{c: ~folds[e].astype(bool) for c, e in zip(CLASSES, EMPTY_COLUMNS, strict=True)}
     )
-    total = pd.DataFrame(
-        {"cases": [folds["case"].nunique()], "slices": [len(folds)]}, index=["all"]
-    ).join(pd.DataFrame([nonempty.sum().to_numpy()], columns=list(CLASSES), index=["all"]))
-    summary.index = summary.index.astype(str)
-    summary = pd.concat([summary, total])
+
+    def counts(part: pd.DataFrame) -> dict[str, int]:
+        return {"cases": part["case"].nunique(), "slices": len(part), **part[list(CLASSES)].sum()}
+
+    rows = {str(fold): counts(part) for fold, part in organs.groupby(folds["fold"])}
+    summary = pd.DataFrame.from_dict({**rows, "all": counts(organs)}, orient="index")
     summary.index.name = "fold"
     return summary.astype("int64")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -47,18 +47,14 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("case7_day0", "case81_day30")
 KAGGLE_INPUT = Path("/kaggle/input/uw-madison-gi-tract-image-segmentation")
 SYNTHETIC_DIR = Path("data/synthetic")
 
-SCAN_COLUMNS: tuple[str, ...] = (
-    "id",
-    "case",
-    "day",
-    "case_day",
-    "slice",
-    "path",
-    "height",
-    "width",
-    "spacing_h",
-    "spacing_w",
-)
+# scan_images' columns and their dtypes: a slice's ids, its file, and size and pixel spacing
+# from the file's name.
+_SCAN_DTYPES: dict[str, object] = {
+    "id": object, "case": "int64", "day": "int64", "case_day": object, "slice": "int64",
+    "path": object, "height": "int64", "width": "int64", "spacing_h": "float64",
+    "spacing_w": "float64",
+}  # fmt: skip
+SCAN_COLUMNS: tuple[str, ...] = tuple(_SCAN_DTYPES)
 _CSV_COLUMNS = ("id", "class", "segmentation")
 _FIRST_FEW = 3  # how many offending ids an error message names
 
@@ -136,15 +132,6 @@ def parse_slice_path(path: Path) -> SliceInfo:
     )
 
 
-def _empty_scan() -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="int64") for c in SCAN_COLUMNS})
-    for column in ("id", "case_day", "path"):
-        frame[column] = frame[column].astype(object)
-    for column in ("spacing_h", "spacing_w"):
-        frame[column] = frame[column].astype("float64")
-    return frame
-
-
 def _first_few(values: Iterable[str]) -> str:
     values = list(values)
     shown = ", ".join(values[:_FIRST_FEW])
@@ -158,25 +145,14 @@ def scan_images(image_dir: Path) -> pd.DataFrame:
     kernel's ``test/`` is empty, and inference must still run.
     """
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        return _empty_scan()
-    infos = [(parse_slice_path(p), str(p)) for p in image_dir.rglob("*.png")]
-    if not infos:
-        return _empty_scan()
-    frame = pd.DataFrame(
-        {
-            "id": [i.id for i, _ in infos],
-            "case": [i.case for i, _ in infos],
-            "day": [i.day for i, _ in infos],
-            "case_day": [f"case{i.case}_day{i.day}" for i, _ in infos],
-            "slice": [i.slice for i, _ in infos],
-            "path": [p for _, p in infos],
-            "height": [i.height for i, _ in infos],
-            "width": [i.width for i, _ in infos],
-            "spacing_h": [i.spacing_h for i, _ in infos],
-            "spacing_w": [i.spacing_w for i, _ in infos],
-        }
-    )
+    paths = image_dir.rglob("*.png") if image_dir.is_dir() else []
+    rows = []
+    for path in paths:
+        info = parse_slice_path(path)
+        rows.append(
+            {**asdict(info), "case_day": f"case{info.case}_day{info.day}", "path": str(path)}
+        )
+    frame = pd.DataFrame(rows, columns=list(SCAN_COLUMNS)).astype(_SCAN_DTYPES)
     dup = frame["id"].duplicated(keep=False)
     if dup.any():
         first = frame.loc[dup, "id"].iloc[0]
@@ -185,7 +161,6 @@ def scan_images(image_dir: Path) -> pd.DataFrame:
             f"{image_dir}: {int(dup.sum())} image files share a slice id, e.g. {first}: "
             + " and ".join(paths[:2])
         )
-    frame = frame.astype({c: "int64" for c in ("case", "day", "slice", "height", "width")})
     return frame.sort_values(["case", "day", "slice"], ignore_index=True)
 
 
@@ -216,15 +191,12 @@ def read_csv_file(
     return frame
 
 
-def _read_train_csv(csv_path: Path) -> pd.DataFrame:
+def _read_annotations(csv_path: Path) -> pd.DataFrame:
+    """``train.csv``'s rows; an empty file, malformed ids, unknown classes and duplicates are
+    refused, naming the CSV line (header = 1)."""
     ann = read_csv_file(csv_path, _CSV_COLUMNS, hint=" (is the data dir right?)")
     if ann.empty:
         raise DataError(f"{csv_path}: no rows under the header (an empty train.csv)")
-    return ann[list(_CSV_COLUMNS)]
-
-
-def _check_annotations(ann: pd.DataFrame, csv_path: Path) -> None:
-    """Reject malformed ids, unknown classes and duplicates, naming the CSV line (header = 1)."""
     line = ann.index.to_numpy() + 2
     bad_id = ~ann["id"].str.fullmatch(_ID_RE)
     if bad_id.any():
@@ -247,6 +219,7 @@ def _check_annotations(ann: pd.DataFrame, csv_path: Path) -> None:
             f"{csv_path}: {int(dup.sum())} duplicated (id, class) row(s), first at line "
             f"{line[i]}: ({ann['id'].iloc[i]}, {ann['class'].iloc[i]})"
         )
+    return ann[list(_CSV_COLUMNS)]
 
 
 def _check_exclude(exclude: Sequence[str]) -> set[str]:
@@ -268,8 +241,7 @@ def load_train_table(data_dir: Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -
     data_dir = Path(data_dir)
     csv_path = data_dir / "train.csv"
     excluded = _check_exclude(exclude)
-    ann = _read_train_csv(csv_path)
-    _check_annotations(ann, csv_path)
+    ann = _read_annotations(csv_path)
 
     # The long format (3 rows per slice) becomes one row per slice with a column per class.
     wide = ann.pivot(index="id", columns="class", values="segmentation")
@@ -308,27 +280,15 @@ def load_train_table(data_dir: Path, exclude: Sequence[str] = DEFAULT_EXCLUDE) -
     return table.sort_values(["case", "day", "slice"], ignore_index=True)
 
 
-def _diagnose_unreadable(path: Path) -> str:
-    """Say why OpenCV could not decode ``path``; only called on the error path."""
-    if not path.exists():
-        return "image not found"
-    if path.is_dir():
-        return "is a folder, not an image"
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(len(_PNG_SIGNATURE))
-            fh.seek(max(size - len(_PNG_TRAILER), 0))
-            tail = fh.read()
-    except OSError as exc:
-        return f"cannot open image ({exc.strerror or exc})"
-    if size == 0:
+def _png_framing(data: np.ndarray) -> str | None:
+    """What is wrong with a file's first and last bytes for a PNG, or None if nothing."""
+    if data.size == 0:
         return "image file is empty (0 bytes)"
-    if head == _PNG_SIGNATURE and tail != _PNG_TRAILER:
-        return f"truncated PNG ({size} bytes, no IEND chunk at the end); re-download it"
-    if head != _PNG_SIGNATURE:
+    if data[: len(_PNG_SIGNATURE)].tobytes() != _PNG_SIGNATURE:
         return "unreadable image (not a PNG: wrong file signature)"
-    return "unreadable image (corrupt PNG data)"
+    if data[-len(_PNG_TRAILER) :].tobytes() != _PNG_TRAILER:
+        return f"truncated PNG ({data.size} bytes, no IEND chunk at the end); re-download it"
+    return None
 
 
 def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -341,16 +301,18 @@ def read_slice(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
     path = Path(path)
     try:
         buffer = np.fromfile(path, dtype=np.uint8)
-    except OSError:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}") from None
+    except OSError as exc:
+        if not path.exists():
+            raise DataError(f"{path}: image not found") from None
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not an image") from None
+        raise DataError(f"{path}: cannot open image ({exc.strerror or exc})") from None
     # libpng reports a truncated file on stderr itself ("libpng error: Read Error"), which
     # would break the one-line error: check the PNG's first and last bytes before decoding.
-    head, tail = buffer[: len(_PNG_SIGNATURE)], buffer[len(buffer) - len(_PNG_TRAILER) :]
-    if head.tobytes() != _PNG_SIGNATURE or tail.tobytes() != _PNG_TRAILER:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    problem = _png_framing(buffer)
+    image = None if problem else cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise DataError(f"{path}: {_diagnose_unreadable(path)}")
+        raise DataError(f"{path}: {problem or 'unreadable image (corrupt PNG data)'}")
     if image.dtype != np.uint16 or image.ndim != 2:
         channels = "grayscale" if image.ndim == 2 else f"{image.shape[2]}-channel"
         raise DataError(

@@ -39,11 +39,10 @@ def rle_encode(mask: np.ndarray) -> str:
 
 
 def _is_empty(rle: object) -> bool:
-    if rle is None:
-        return True
-    if isinstance(rle, float) and math.isnan(rle):
-        return True
-    return isinstance(rle, str) and not rle.strip()
+    """None, NaN (how pandas reads an empty CSV cell) or a blank string."""
+    if isinstance(rle, str):
+        return not rle.strip()
+    return rle is None or (isinstance(rle, float) and math.isnan(rle))
 
 
 def _plain(text: str) -> bool:
@@ -152,14 +151,9 @@ def rle_decode_many(rles: Sequence[str | float | None], shape: tuple[int, int]) 
     same :class:`RLEError` for the first bad string."""
     height, width = shape
     size = height * width
-    texts = []
-    for rle in rles:
-        if _is_empty(rle):
-            texts.append("")
-        elif isinstance(rle, str):
-            texts.append(rle.strip())
-        else:
-            return _one_by_one(rles, shape)
+    if not all(isinstance(rle, str) or _is_empty(rle) for rle in rles):
+        return _one_by_one(rles, shape)  # which raises the RLEError naming the odd value
+    texts = [rle.strip() if isinstance(rle, str) else "" for rle in rles]
     present = [i for i, text in enumerate(texts) if text]
     joined = " ".join(texts[i] for i in present)
     counts = np.array([texts[i].count(" ") + 1 for i in present], dtype=np.int64)

@@ -152,20 +152,13 @@ def _case_anatomy(rng: np.random.Generator) -> _Anatomy:
             axis=1,
         )
         loops.append((ctrl, float(rng.uniform(0.085, 0.105))))
-    stomach = {
-        "u": rng.uniform(0.28, 0.40),
-        "v": rng.uniform(-0.30, -0.18),
-        "t": rng.uniform(0.56, 0.59),
-        "ru": rng.uniform(0.27, 0.33),
-        "rv": rng.uniform(0.20, 0.26),
-        "ht": rng.uniform(0.10, 0.12),
-        "tilt_u": rng.uniform(-0.12, 0.12),
-        "tilt_v": rng.uniform(-0.08, 0.08),
-        "a2": rng.uniform(0.05, 0.12),
-        "p2": rng.uniform(0, 2 * np.pi),
-        "a3": rng.uniform(0.03, 0.08),
-        "p3": rng.uniform(0, 2 * np.pi),
-    }
+    stomach = {  # centre; radii across and half-height; drift with depth; 2- and 3-fold lobes
+        "u": rng.uniform(0.28, 0.40), "v": rng.uniform(-0.30, -0.18), "t": rng.uniform(0.56, 0.59),
+        "ru": rng.uniform(0.27, 0.33), "rv": rng.uniform(0.20, 0.26), "ht": rng.uniform(0.10, 0.12),
+        "tilt_u": rng.uniform(-0.12, 0.12), "tilt_v": rng.uniform(-0.08, 0.08),
+        "a2": rng.uniform(0.05, 0.12), "p2": rng.uniform(0, 2 * np.pi),
+        "a3": rng.uniform(0.03, 0.08), "p3": rng.uniform(0, 2 * np.pi),
+    }  # fmt: skip
     gains = {name: rng.uniform(0.92, 1.08) for name in ("body", "lb", "sb", "st", "other")}
     return _Anatomy(
         body_mm=(rng.uniform(150, 175), rng.uniform(112, 132)),
@@ -501,16 +494,6 @@ def _plan(n_cases: int, n_slices: int, seed: int) -> list[_CaseDay]:
     return plan
 
 
-def _slice_id(cd: _CaseDay, number: int) -> str:
-    return f"{cd.name}_slice_{number:04d}"
-
-
-def _slice_file(root: Path, cd: _CaseDay, number: int) -> Path:
-    width, height, spacing = cd.size
-    name = f"slice_{number:04d}_{width}_{height}_{spacing:.2f}_{spacing:.2f}.png"
-    return root / cd.split / f"case{cd.case}" / cd.name / "scans" / name
-
-
 def _labels_csv(rows: list[tuple[str, str, str]], header: str) -> str:
     return header + "\n" + "".join(f"{i},{c},{s}\n" for i, c, s in rows)
 
@@ -566,14 +549,16 @@ def _write_case_day(job: tuple[_CaseDay, int, Path]) -> tuple[list[tuple[str, st
     rng = np.random.default_rng([seed, 2, cd.case, cd.day])
     day = _day_geometry(anatomy, rng)
     images, masks = _render_day(anatomy, day, cd.size, cd.n_slices, rng)
+    width, height, spacing = cd.size
+    scans = root / cd.split / f"case{cd.case}" / cd.name / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(cd.n_slices):
         number = index + 1
-        path = _slice_file(root, cd, number)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = scans / f"slice_{number:04d}_{width}_{height}_{spacing:.2f}_{spacing:.2f}.png"
         if not cv2.imwrite(str(path), images[index], _PNG_PARAMS):
             raise DataError(f"{path}: cv2 could not write the image")
-        sid = _slice_id(cd, number)
+        sid = f"{cd.name}_slice_{number:04d}"
         rows += [(sid, name, rle_encode(masks[index, ..., k])) for k, name in enumerate(CLASSES)]
     return rows, int(masks.any(axis=(1, 2, 3)).sum())
 
@@ -640,7 +625,7 @@ def generate(
     labels_csv = labels_dir / "test_labels.csv"
     write_text_atomic(labels_csv, _labels_csv(rows["test"], "id,class,segmentation"))
 
-    sizes = Counter(f"{w}x{h}@{s:.2f}" for w, h, s in (cd.size for cd in plan))
+    per_size = Counter(cd.size for cd in plan)
     return SyntheticSummary(
         out_dir=out_dir,
         labels_csv=labels_csv,
@@ -651,6 +636,6 @@ def generate(
         slices_per_day=tuple(sorted({cd.n_slices for cd in plan}, reverse=True)),
         n_slices=sum(cd.n_slices for cd in plan),
         n_slices_with_organ=with_organ,
-        sizes={f"{w}x{h}@{s:.2f}": sizes[f"{w}x{h}@{s:.2f}"] for w, h, s in SIZES},
+        sizes={f"{w}x{h}@{s:.2f}": per_size[w, h, s] for w, h, s in SIZES},
         seconds=time.perf_counter() - start,
     )

@@ -6,19 +6,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from gitract.atomic import atomic_path  # noqa: E402
-from gitract.data.layout import CLASSES, read_slice  # noqa: E402
-from gitract.data.rle import rle_decode  # noqa: E402
-from gitract.errors import DataError  # noqa: E402
-from gitract.scoring.metrics import dice_2d  # noqa: E402
+from gitract.atomic import atomic_path
+from gitract.data.layout import CLASSES, read_slice
+from gitract.data.rle import rle_decode
+from gitract.errors import DataError
+from gitract.scoring.metrics import dice_2d
 
 __all__ = ["COLOURS", "overlay", "plot_slices", "rle_table", "save_figure"]
 
@@ -26,14 +23,14 @@ __all__ = ["COLOURS", "overlay", "plot_slices", "rle_table", "save_figure"]
 COLOURS = np.array([[1.0, 0.85, 0.1], [0.1, 0.8, 0.3], [0.9, 0.2, 0.2]])
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
-    """Write a figure atomically and close it (figures otherwise pile up in memory)."""
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Write a figure atomically.
+
+    Figures here are plain ``Figure`` objects, not pyplot's: nothing global (no backend, no
+    figure registry to close them in), so drawing works on a server and frees itself."""
     path = Path(path)
-    try:
-        with atomic_path(path, suffix=path.suffix) as tmp:  # savefig reads the format from it
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with atomic_path(path, suffix=path.suffix) as tmp:  # savefig reads the format from it
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -81,7 +78,7 @@ def plot_slices(
     candidates = organ if organ.size else np.arange(len(slices))
     picks = np.unique(candidates[np.linspace(0, candidates.size - 1, max_panels).astype(int)])
 
-    fig = plt.figure(figsize=(7, 3.2 * len(picks) + 2.8), layout="constrained")
+    fig = Figure(figsize=(7, 3.2 * len(picks) + 2.8), layout="constrained")
     grid = fig.add_gridspec(len(picks) + 1, 2, height_ratios=[3.2] * len(picks) + [2.4])
     for r, k in enumerate(picks):
         row = slices.iloc[k]

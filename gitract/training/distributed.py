@@ -75,17 +75,17 @@ def resolve_num_workers(num_workers: int | None, local_world_size: int = 1) -> i
     return share if share <= 4 else min(8, share - 1)
 
 
-def init_distributed(prefer_cuda: bool = True, timeout: timedelta = DEFAULT_TIMEOUT) -> DistContext:
+def init_distributed() -> DistContext:
     """Join the process group if launched by torchrun; pick this rank's device."""
     rank, world_size, local_rank, _ = launch_env()
-    use_cuda = prefer_cuda and torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DEFAULT_TIMEOUT)
     return DistContext(rank, world_size, local_rank, device)
 
 

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers, CI or Kaggle
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from gitract.data.layout import CLASSES  # noqa: E402
-from gitract.scoring.visualize import save_figure  # noqa: E402
+from gitract.data.layout import CLASSES
+from gitract.scoring.visualize import save_figure
 
 __all__ = ["plot_curves"]
 
 
 def plot_curves(history: pd.DataFrame, path: str | Path) -> None:
     """Left: train and val loss; right: val Dice overall and per class, per epoch."""
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_dice = fig.subplots(1, 2)
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
     ax_loss.plot(epochs, history["val_loss"], "o-", label="val")
