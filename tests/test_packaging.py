@@ -29,4 +29,11 @@ def test_wheel_builds_without_deprecation_warnings_and_carries_the_license(tmp_p
         meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         metadata = archive.read(meta).decode()
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
+        packed = {n for n in archive.namelist() if n.endswith(".py")}
     assert "License-Expression: MIT" in metadata.splitlines()
+    # Every module, and every subpackage a regular package (its __init__ says what is where).
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gitract").rglob("*.py")}
+    assert packed == sources
+    for folder in (ROOT / "gitract").rglob("*/"):
+        if folder.name != "__pycache__":
+            assert (folder / "__init__.py").is_file(), folder
