@@ -2,17 +2,47 @@
 
 Every output of the pipeline (checkpoints, CSVs, configs, caches, pictures) is written to a
 temp file in the same folder and renamed over the target: readers see the old file or the new
-one, never a torn one, and a failed write leaves no stray file.
+one, never a torn one, and a failed write leaves no stray file. A write that runs out of disk
+space is one :class:`~gitract.errors.DiskFullError` naming the file and the space left (a
+Kaggle kernel's /kaggle/working and /kaggle/tmp have size limits).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic"]
+from gitract.errors import DiskFullError
+
+__all__ = ["atomic_path", "disk_full", "out_of_space", "write_text_atomic"]
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a short write as "[enforce fail at inline_container.cc:...]
+# ... unexpected pos N vs M", not as ENOSPC.
+_TORCH_SHORT_WRITE = "unexpected pos"
+
+
+def out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` is a write that ran out of disk space (or of the user's quota)."""
+    if isinstance(err, OSError):
+        return err.errno in _NO_SPACE
+    return isinstance(err, RuntimeError) and _TORCH_SHORT_WRITE in str(err)
+
+
+def disk_full(path: Path) -> DiskFullError:
+    """The one-line error for ``path`` on a full disk, with the space left in its folder."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(
+        f"{path}: no space left on the device ({free} in {path.parent}); free some space "
+        "or write elsewhere"
+    )
 
 
 @contextmanager
@@ -28,6 +58,10 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if out_of_space(err):
+            raise disk_full(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DiskFullError",
     "GitractError",
     "RLEError",
     "TrainingError",
@@ -39,3 +40,7 @@ class CheckpointError(GitractError, ValueError):
 
 class TrainingError(GitractError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the epoch and step."""
+
+
+class DiskFullError(GitractError, OSError):
+    """A write ran out of disk space; the message names the file and the space left."""

@@ -5,6 +5,7 @@ segmentation-models-pytorch nor gitract, on a fake /kaggle tree, with the networ
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 from gitract.config import load_config
 from gitract.data.layout import scan_images
 from gitract.data.rle import rle_decode
-from gitract.errors import CheckpointError, GitractError
+from gitract.errors import CheckpointError, DiskFullError, GitractError
 from gitract.inference.blend import blend_spec
 from gitract.inference.submission import infer_test
 from gitract.kaggle.bundle import (
@@ -280,6 +281,20 @@ def test_build_refuses_runs_without_checkpoints(tmp_path):
         )
     out = tmp_path / "out"
     assert not (out / "kaggle-dataset").exists() and not (out / "kaggle-kernel").exists()
+
+
+def test_build_on_a_full_disk_is_one_line_and_leaves_no_half_bundle(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "fold0").mkdir(parents=True)
+    (tmp_path / "runs" / "fold0" / "best.pt").write_bytes(b"weights")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError, match=r"kaggle-dataset: no space left on the device"):
+        build_bundle(blend_spec([tmp_path / "runs"]), out, REPO, wheel_cache=tmp_path / "c")
+    assert list(out.iterdir()) == []
 
 
 def test_build_script_missing_runs_is_one_line(tmp_path):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gitract.atomic import disk_full, out_of_space
 from gitract.config import Config
 from gitract.errors import CheckpointError, GitractError
 from gitract.postprocess.steps import POSTPROCESS_FILE
@@ -377,6 +378,10 @@ def build_bundle(
         )
         _replace_dir(staged, dataset_dir)
         _replace_dir(staged_kernel, kernel_dir)
+    except OSError as err:
+        if out_of_space(err):
+            raise disk_full(dataset_dir) from None
+        raise
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         shutil.rmtree(staged_kernel, ignore_errors=True)
