@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gitract.errors import DiskFullError
 
-__all__ = ["atomic_path", "disk_full", "out_of_space", "write_text_atomic"]
+__all__ = ["atomic_path", "disk_full", "out_of_space", "remove_stale_temps", "write_text_atomic"]
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # torch.save's zip writer reports a short write as "[enforce fail at inline_container.cc:...]
@@ -70,3 +70,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
+
+
+def remove_stale_temps(folder: Path, prefix: str) -> None:
+    """Delete the temp files of ``folder/<prefix>*`` left by writers that no longer run (a
+    kill during a write leaves one as big as its target); a running writer's stays."""
+    for tmp in folder.glob(f".{prefix}*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[0].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing it now: a leftover of an earlier failure
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from gitract.atomic import atomic_path, write_text_atomic
+from gitract.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from gitract.data.layout import CLASSES, read_slice, slice_mask
 from gitract.errors import DataError, RLEError
 from gitract.data.rle import rle_decode_many
@@ -100,6 +102,57 @@ def _save(path: Path, array: np.ndarray) -> None:
         np.save(f, array)  # a file object: np.save would append ".npy" to a temp name
 
 
+class _Damaged(Exception):
+    """A cache entry that cannot be used as it is; the message says why."""
+
+
+_META_KEYS = {"depth", "height", "width", "lo", "hi", "masks"}
+
+
+def _array_offset(path: Path, shape: tuple[int, ...], dtype: type) -> int:
+    """Where ``path``'s array bytes start, after checking its header and its size on disk."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:  # missing, cut short, no header
+        raise _Damaged(f"{path.name} unreadable ({str(err).splitlines()[0]})") from None
+    if array.shape != shape or array.dtype != dtype:
+        raise _Damaged(f"{path.name} holds {array.dtype} {array.shape}, not {shape}")
+    if path.stat().st_size != array.offset + array.nbytes:
+        raise _Damaged(f"{path.name} is {path.stat().st_size} bytes, not {array.offset + array.nbytes}")
+    return int(array.offset)
+
+
+def _open_entry(case_day: str, stem: Path, depth: int) -> VolumeInfo:
+    """Check a built entry (readable JSON, a finite intensity window, arrays whose header and
+    size fit it) and return it; :class:`_Damaged` says what is wrong."""
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_text())
+    except (OSError, ValueError) as err:
+        raise _Damaged(f"metadata unreadable ({str(err).splitlines()[0] or 'empty'})") from None
+    if not isinstance(meta, dict) or set(meta) != _META_KEYS:
+        raise _Damaged(f"metadata keys {sorted(meta) if isinstance(meta, dict) else meta!r}")
+    lo, hi = meta["lo"], meta["hi"]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (lo, hi)) or hi <= lo:
+        raise _Damaged(f"intensity window ({lo}, {hi}) is not finite and increasing")
+    if meta["depth"] != depth:
+        raise _Damaged(f"{meta['depth']} slices, the data has {depth}")
+    shape = (meta["depth"], meta["height"], meta["width"])
+    # Paths are derived, so a cache folder that was moved or mounted elsewhere works.
+    image_file, mask_file = stem.with_suffix(".npy"), stem.with_suffix(".mask.npy")
+    return VolumeInfo(
+        case_day=case_day,
+        depth=shape[0],
+        height=shape[1],
+        width=shape[2],
+        lo=float(lo),
+        hi=float(hi),
+        image_file=str(image_file),
+        image_offset=_array_offset(image_file, shape, np.uint16),
+        mask_file=str(mask_file) if meta["masks"] else None,
+        mask_offset=_array_offset(mask_file, shape, np.uint8) if meta["masks"] else 0,
+    )
+
+
 class VolumeCache:
     """Slices and masks of the case-days in ``table``, read from an on-disk cache.
 
@@ -129,26 +182,27 @@ class VolumeCache:
                 self.position[slice_id] = (case_day, z)
 
     def _load_or_build(self, case_day: str, group: pd.DataFrame) -> VolumeInfo:
-        key = _cache_key(group, self.with_masks)
-        stem = self.cache_dir / f"{case_day}-{key}"
-        meta_path = stem.with_suffix(".json")
-        if not meta_path.exists():
-            self._build(case_day, group, stem)
-        meta = json.loads(meta_path.read_text())
-        # Paths are derived, so a cache folder that was moved or mounted elsewhere works.
-        image_file, mask_file = stem.with_suffix(".npy"), stem.with_suffix(".mask.npy")
-        masks = meta.pop("masks")
-        return VolumeInfo(
-            case_day=case_day,
-            **meta,
-            image_file=str(image_file),
-            image_offset=np.load(image_file, mmap_mode="r").offset,
-            mask_file=str(mask_file) if masks else None,
-            mask_offset=np.load(mask_file, mmap_mode="r").offset if masks else 0,
-        )
+        """The case-day's entry, checked as it is opened; built when missing, rebuilt (with a
+        one-line note) when damaged: a file cut short by a full disk or a half-copied cache
+        folder must not break every later run."""
+        stem = self.cache_dir / f"{case_day}-{_cache_key(group, self.with_masks)}"
+        if stem.with_suffix(".json").exists():
+            try:
+                return _open_entry(case_day, stem, len(group))
+            except _Damaged as why:
+                print(f"note: volume cache entry {stem}.*: {why}; rebuilding it", file=sys.stderr)
+        self._build(case_day, group, stem)
+        try:
+            return _open_entry(case_day, stem, len(group))
+        except _Damaged as why:
+            raise DataError(
+                f"volume cache entry {stem}.*: {why}, even rebuilt from the PNGs; delete those "
+                f"files (or the cache folder {self.cache_dir}) and check the disk"
+            ) from None
 
     def _build(self, case_day: str, group: pd.DataFrame, stem: Path) -> None:
         """Decode the case-day's PNGs and RLEs once into ``stem``'s .npy files and JSON."""
+        remove_stale_temps(self.cache_dir, stem.name)
         shapes = set(zip(group["height"], group["width"], strict=True))
         if len(shapes) != 1:
             raise DataError(f"{case_day}: slices of different sizes {sorted(shapes)}")

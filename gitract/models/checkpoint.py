@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gitract.atomic import atomic_path
+from gitract.atomic import atomic_path, remove_stale_temps
 from gitract.config import Config, config_from_dict, load_config
 from gitract.errors import CheckpointError
 
@@ -35,8 +35,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(handle.fileno())  # on disk before the rename makes it the checkpoint
     # A writer killed mid-save (kill -9) leaves its temp file behind, as big as a checkpoint;
     # the next successful save sweeps such leftovers away.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path.parent, path.name)
 
 
 def _torch_load(path: Path, what: str, error: type[Exception]) -> Any:
