@@ -105,6 +105,26 @@ def _set_cell(row: int, column: str, value: str) -> Callable[[pd.DataFrame], pd.
             ["train.csv", "no rows"],
             id="header-only",
         ),
+        pytest.param(
+            lambda csv: _rewrite_csv(csv, _set_cell(5, "segmentation", "12 5 x 3")),
+            ["train.csv", "line 7 (id ", "bad RLE: non-integer token 'x'"],
+            id="rle-token-with-line",
+        ),
+        pytest.param(
+            lambda csv: _rewrite_csv(csv, _set_cell(2, "segmentation", "-5 3")),
+            ["train.csv", "line 4 (id ", "negative number '-5' in RLE"],
+            id="rle-negative",
+        ),
+        pytest.param(
+            lambda csv: _rewrite_csv(csv, _set_cell(3, "segmentation", "1 2 3")),
+            ["train.csv", "line 5 (id ", "odd number of tokens (3)"],
+            id="rle-odd",
+        ),
+        pytest.param(
+            lambda csv: csv.write_text("\n".join(csv.read_text().splitlines()[1:]) + "\n"),
+            ["train.csv", "missing column(s) id, class, segmentation", "header line missing?"],
+            id="no-header",
+        ),
     ],
 )
 def test_make_folds_names_the_bad_train_csv_row(

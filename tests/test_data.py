@@ -183,6 +183,18 @@ def test_missing_column(tiny_kaggle):
     _one_line(e)
 
 
+def test_a_missing_header_is_named_without_pasting_the_rle(tiny_kaggle):
+    """Without its header line, the first row's cells (a long RLE among them) become the
+    column names: the message shortens them and says what is likely wrong."""
+    rle = " ".join(str(k) for k in range(1, 401))
+    tiny_kaggle.train_csv.write_text(f"case1_day0_slice_0001,stomach,{rle}\n")
+    with pytest.raises(DataError, match=r"missing column\(s\) id, class, segmentation") as e:
+        load_train_table(tiny_kaggle.root)
+    message = _one_line(e)
+    assert message.endswith("; is its header line missing?")
+    assert rle not in message and "stomach, 1 2 3 4 5 6 7 8 9 10 ...;" in message
+
+
 def test_empty_train_csv(tiny_kaggle):
     tiny_kaggle.train_csv.write_text("")
     with pytest.raises(DataError, match="train.csv: file is empty"):

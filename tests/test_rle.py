@@ -83,7 +83,7 @@ def test_real_non_square_stomach_is_one_piece_only_in_row_major() -> None:
         ("1 2 3", "odd number of tokens (3)"),
         ("1 2 x 4", "non-integer token 'x'"),
         ("1 2 3.5 4", "non-integer token '3.5'"),
-        ("1 2 -3 4", "non-integer token '-3'"),
+        ("1 2 -3 4", "negative number '-3' in RLE (runs start at pixel 1)"),
         ("0 2", "start 0 < 1"),
         ("5 0", "length 0 < 1"),
         ("18 4", "run '18 4' ends at pixel 21, past the end of a 4x5 image (20 pixels)"),

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gitract.errors import DataError, RLEError
-from gitract.data.rle import rle_decode
+from gitract.data.rle import bad_rle_rows, rle_decode, rle_tokens
 
 __all__ = [
     "CLASSES",
@@ -184,11 +184,19 @@ def read_csv_file(
         raise DataError(f"{path}: cannot parse {what} as CSV: {detail}") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
+        # Without a header line the first row's cells (an RLE string...) become the names.
+        shown = ", ".join(_shorten(str(c)) for c in frame.columns)
+        no_header = not set(columns) & set(map(str, frame.columns))
         raise DataError(
             f"{path}: missing column(s) {', '.join(missing)} "
-            f"(has: {', '.join(map(str, frame.columns))}; expected {','.join(columns)})"
+            f"(has: {shown}; expected {','.join(columns)})"
+            + ("; is its header line missing?" if no_header else "")
         )
     return frame
+
+
+def _shorten(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _read_annotations(csv_path: Path) -> pd.DataFrame:
@@ -218,6 +226,18 @@ def _read_annotations(csv_path: Path) -> pd.DataFrame:
         raise DataError(
             f"{csv_path}: {int(dup.sum())} duplicated (id, class) row(s), first at line "
             f"{line[i]}: ({ann['id'].iloc[i]}, {ann['class'].iloc[i]})"
+        )
+    bad_rle = bad_rle_rows(ann["segmentation"].tolist())
+    if bad_rle.any():
+        i = int(np.flatnonzero(bad_rle)[0])
+        try:
+            rle_tokens(ann["segmentation"].iloc[i])
+            detail = "not pairs of numbers"  # not reached: the parser names the bad token
+        except RLEError as err:
+            detail = str(err)
+        raise DataError(
+            f"{csv_path}: line {line[i]} (id {ann['id'].iloc[i]}, class "
+            f"{ann['class'].iloc[i]}): bad RLE: {detail}"
         )
     return ann[list(_CSV_COLUMNS)]
 

@@ -8,13 +8,16 @@ the data says row-major, and only non-square (360 wide x 310 high) slices can te
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from gitract.errors import RLEError
 
-__all__ = ["RLEError", "rle_decode", "rle_decode_many", "rle_encode"]
+_TOKENS = re.compile(r"\s*(?:\d+\s+\d+\s*)*", re.ASCII)
+
+__all__ = ["RLEError", "bad_rle_rows", "rle_decode", "rle_decode_many", "rle_encode", "rle_tokens"]
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -57,8 +60,9 @@ def _plain(text: str) -> bool:
     return bool((((codes - 48) <= 9) | (codes == 32)).all())  # uint8: below '0' wraps up
 
 
-def _parse_tokens(rle: str) -> np.ndarray:
-    """The integers of an RLE string, or an RLEError naming the first bad token."""
+def rle_tokens(rle: str) -> np.ndarray:
+    """The integers of an RLE string (an even number of them), or an RLEError naming the
+    first bad token."""
     text = rle.strip()
     if _plain(text):
         values = np.fromstring(text, dtype=np.int64, sep=" ")  # text mode: not deprecated
@@ -67,6 +71,8 @@ def _parse_tokens(rle: str) -> np.ndarray:
         for token in tokens:
             # str.isdigit also accepts superscripts and other Unicode digits; be strict.
             if not (token.isascii() and token.isdigit()):
+                if token[:1] == "-" and token[1:].isascii() and token[1:].isdigit():
+                    raise RLEError(f"negative number {token!r} in RLE (runs start at pixel 1)")
                 raise RLEError(f"non-integer token {token!r} in RLE")
         values = np.array(tokens, dtype=np.int64)
     if values.size % 2:
@@ -131,7 +137,7 @@ def rle_decode(rle: str | float | None, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros((height, width), dtype=np.uint8)
     if not isinstance(rle, str):
         raise RLEError(f"RLE must be a string, got {type(rle).__name__} {rle!r}")
-    pairs = _parse_tokens(rle).reshape(-1, 2)
+    pairs = rle_tokens(rle).reshape(-1, 2)
     return _fill(pairs[:, 0] - 1, pairs[:, 1], height, width).reshape(height, width)
 
 
@@ -171,3 +177,21 @@ def rle_decode_many(rles: Sequence[str | float | None], shape: tuple[int, int]) 
     except RLEError:
         return _one_by_one(rles, shape)
     return flat.reshape(len(rles), height, width)
+
+
+def bad_rle_rows(rles: Sequence[str]) -> np.ndarray:
+    """Boolean per string: True where it cannot be an RLE whatever the image size (anything
+    but numbers and spaces, or an odd count of numbers). Fast on train.csv's 115k strings: a
+    string with single spaces between its numbers needs only a count of its spaces; the
+    others (rare) are matched in full."""
+    digits_and_spaces = b"0123456789 "
+    foreign = bool("".join(rles).encode("utf-8").translate(None, digits_and_spaces))
+    out = np.zeros(len(rles), dtype=bool)
+    for k, rle in enumerate(rles):
+        if not rle:
+            continue
+        suspect = rle.count(" ") % 2 == 0 or rle[0] == " " or rle[-1] == " " or "  " in rle
+        if foreign:
+            suspect = suspect or bool(rle.encode("utf-8").translate(None, digits_and_spaces))
+        out[k] = suspect and _TOKENS.fullmatch(rle) is None
+    return out
