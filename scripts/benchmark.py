@@ -20,6 +20,12 @@ Each result is a ratio, so it means the same on a slow or a busy machine:
   probabilities of the real data's size: 274 case-days of 144 or 80 slices, 266x266.
 - memory_growth: peak RSS of a demo_cpu training epoch (scripts/train.py, fresh process) on
   4N slices / on N slices.
+- patch_loader_speedup: 3D training patches/s per core (default_3d.yaml's 256x256 grid and
+  80x160x160 patch) of PatchDataset, cut from the case-days resampled once to the grid, vs
+  resizing every slice a patch spans (NaivePatchDataset, the same patches); one thread.
+- ema_step_ratio: milliseconds per training step (forward, backward, AdamW) of default.yaml's
+  B7 U-Net with its weights' moving average over without one; ema_step_ratio_timm: the same
+  with timm's ModelEmaV3, which rebuilds two state dicts at every step.
 """
 
 from __future__ import annotations
@@ -44,7 +50,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from naive_baselines import NaiveSliceDataset, naive_hausdorff_3d, naive_rle_decode  # scripts/
+from naive_baselines import (  # scripts/
+    NaivePatchDataset,
+    NaiveSliceDataset,
+    naive_hausdorff_3d,
+    naive_rle_decode,
+)
+from timm.utils.model_ema import ModelEmaV3
 
 from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
@@ -52,15 +64,18 @@ from gitract.config import load_config
 from gitract.data.cache import VolumeCache
 from gitract.data.folds import create_folds_file
 from gitract.data.layout import CLASSES, load_train_table, scan_images
+from gitract.data.patches import PatchDataset
 from gitract.data.rle import rle_decode, rle_decode_many, rle_encode
 from gitract.data.slices import SliceDataset, build_train_transform
 from gitract.data.synthetic import generate
 from gitract.inference.submission import infer_test
 from gitract.models.checkpoint import find_checkpoints
 from gitract.models.predict2d import Ensemble
+from gitract.models.smp2d import build_model
 from gitract.postprocess.steps import quantize
 from gitract.postprocess.tuning import tune_postprocess
 from gitract.scoring.metrics import hausdorff_3d
+from gitract.training.ema import ModelEma
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ANNOTATIONS = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"
@@ -76,6 +91,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "metric_speedup": (">=", 10.0),
     "memory_growth": ("<=", 1.3),
     "tuning_seconds_real_scale": ("<=", 600.0),
+    "patch_loader_speedup": (">=", 3.0),
 }
 
 
@@ -94,10 +110,18 @@ class Sizes:
     tuning_days: int = 274
     tuning_shape: tuple[int, int] = (266, 266)
     train_overrides: tuple[str, ...] = ()
+    patch_slices: int = 80  # one 80-slice case-day per case: a whole patch deep
+    patch_items: int = 8
+    patch_overrides: tuple[str, ...] = ()
+    ema_config: Path = ROOT / "configs" / "default.yaml"
 
 
 FULL = Sizes(5, 3, 32, 120, 4, 32, 274, (144, 266, 266))
-QUICK = Sizes(2, 2, 12, 16, 3, 8, 12, (48, 96, 96), 4, (64, 64), ("data.img_size=[64, 64]",))
+QUICK = Sizes(
+    2, 2, 12, 16, 3, 8, 12, (48, 96, 96), 4, (64, 64), ("data.img_size=[64, 64]",),
+    16, 4, ("data.grid_hw=[64, 64]", "data.patch_size=[16, 48, 48]"),
+    ROOT / "configs" / "demo_cpu.yaml",
+)  # fmt: skip
 
 
 def best_rates(fns: Sequence[Callable[[], int]], rounds: int) -> list[float]:
@@ -479,6 +503,75 @@ def bench_tuning(sizes: Sizes, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- report
 
 
+# -------------------------------------------------------------------------- 3D patches, EMA
+
+
+def bench_patches(sizes: Sizes, work: Path) -> dict[str, Any]:
+    data = work / "patch_data"
+    generate(data, work / "patch_labels", 2, sizes.patch_slices, seed=13)
+    cfg = load_config(ROOT / "configs" / "default_3d.yaml", list(sizes.patch_overrides))
+    table = load_train_table(data, cfg.data.exclude)
+    cache = VolumeCache(table, work / "patch_cache", progress=False)
+    start = time.perf_counter()
+    fast = PatchDataset(table, cache, cfg.data, patches_per_volume=4, train=True, seed=0)
+    build_s = time.perf_counter() - start
+    naive = NaivePatchDataset(table, cache, cfg.data, patches_per_volume=4, train=True, seed=0)
+    for index in range(len(fast)):  # the same patches, from either path
+        fast.set_random_seed(index)
+        naive.set_random_seed(index)
+        a, b = fast[index], naive[index]
+        assert torch.equal(a["mask"], b["mask"]), index
+        assert float((a["image"] - b["image"]).abs().max()) < 1e-3, index
+    rng = random.Random(0)
+    picks = [(rng.randrange(len(fast)),) for _ in range(sizes.patch_items)]
+    with single_thread():
+        new, old = best_rates([each(fast.__getitem__, picks), each(naive.__getitem__, picks)], 3)
+    return {
+        "patch_loader_speedup": new / old,
+        "patch_per_s_per_core": new,
+        "patch_naive_per_s_per_core": old,
+        "patch_size": list(cfg.data.patch_size),
+        "patch_grid_hw": list(cfg.data.grid_hw),
+        "patch_grid_build_s": build_s,
+    }
+
+
+def bench_ema(sizes: Sizes, steps: int = 3) -> dict[str, Any]:
+    cfg = load_config(sizes.ema_config, ["model.encoder_weights=null"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, in_channels=cfg.data.in_channels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    image = torch.randn(2, cfg.data.in_channels, 64, 64)
+    ours, timms = ModelEma(model, 0.999), ModelEmaV3(model, decay=0.999, use_warmup=True)
+    updates = {
+        "none": lambda step: None,
+        "ours": ours.update,
+        "timm": lambda step: timms.update(model, step=step),
+    }
+
+    def trainer(update: Callable[[int], None]) -> Callable[[], int]:
+        def go() -> int:
+            for step in range(1, steps + 1):
+                optimizer.zero_grad(set_to_none=True)
+                model(image).float().mean().backward()
+                optimizer.step()
+                update(step)
+            return steps
+
+        return go
+
+    rates = best_rates([trainer(u) for u in updates.values()], 2)
+    ms = {name: 1000 / rate for name, rate in zip(updates, rates, strict=True)}
+    return {
+        "ema_step_ratio": ms["ours"] / ms["none"],
+        "ema_step_ratio_timm": ms["timm"] / ms["none"],
+        "ema_step_ms_without": ms["none"],
+        "ema_update_ms": ms["ours"] - ms["none"],
+        "ema_update_ms_timm": ms["timm"] - ms["none"],
+        "ema_model": f"{cfg.model.arch}/{cfg.model.encoder_name}",
+    }
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -528,7 +621,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["rle", "loader", "training", "metric", "tuning"],
+        choices=["rle", "loader", "patches", "ema", "training", "metric", "tuning"],
         help="run only these parts (inference needs training)",
     )
     return parser.parse_args()
@@ -537,7 +630,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     sizes = QUICK if args.quick else FULL
-    parts = set(args.only or ["rle", "loader", "training", "metric", "tuning"])
+    parts = set(args.only or ["rle", "loader", "patches", "ema", "training", "metric", "tuning"])
     results: dict[str, Any] = {"quick": args.quick, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="gitract-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -547,6 +640,10 @@ def main() -> int:
             results.update(bench_rle(sizes))
         if "loader" in parts:
             results.update(bench_loader(sizes, work))
+        if "patches" in parts:
+            results.update(bench_patches(sizes, work))
+        if "ema" in parts:
+            results.update(bench_ema(sizes))
         results["seconds_rle_loader"] = time.perf_counter() - started
         if "training" in parts:
             training = bench_training(sizes, work)

@@ -2,7 +2,8 @@
 
 They are what a first notebook would write: an RLE decoder that loops over the runs in Python,
 a loader that reads the three PNGs of every 2.5D sample from disk and decodes its masks on the
-fly, and a Hausdorff distance from pairwise point distances. They are correct (the benchmark
+fly, a 3D patch that resizes every slice it spans, and a Hausdorff distance from pairwise point
+distances. They are correct (the benchmark
 checks that they agree with gitract) but are only the benchmark's yardstick: they live beside it
 in scripts/, outside the gitract package and so outside the wheel shipped to Kaggle.
 """
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from gitract.config import DataConfig
 from gitract.data.geometry import Letterbox
 from gitract.data.layout import CLASSES
+from gitract.data.patches import PatchDataset, load_volume
 from gitract.data.slices import slice_offsets
 
 
@@ -104,3 +106,43 @@ def naive_hausdorff_3d(pred: np.ndarray, truth: np.ndarray) -> float | None:
     forward = directed_hausdorff(a, b, seed=0)[0]
     backward = directed_hausdorff(b, a, seed=0)[0]
     return max(forward, backward) / math.sqrt(3.0)
+
+
+class NaivePatchDataset(PatchDataset):
+    """3D patches as gitract cut them before the grid volumes: every slice the patch spans
+    resized whole to the grid and its masks unpacked to float, then the patch cropped. The
+    same random draws as :class:`PatchDataset`, so both give the same patches."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        volume = index // self.patches_per_volume
+        rng = self.rng if self.train else np.random.default_rng((self.seed, index))
+        ids, organ_z = self.ids[volume], self.organ_z[volume]
+        (pd_, ph, pw), depth = self.patch, len(ids)
+        on_organ = len(organ_z) > 0 and rng.random() < self.fg_fraction
+        z_centre = int(rng.choice(organ_z)) if on_organ else None
+        z0 = self._start(rng, depth, pd_, z_centre)
+        image, mask = load_volume(self.cache, ids[z0 : z0 + pd_], self.grid, with_mask=True)
+        centre: tuple[int | None, int | None] = (None, None)
+        if z_centre is not None:
+            ys, xs = np.nonzero(mask[:, z_centre - z0].any(axis=0))
+            if len(ys):
+                k = int(rng.integers(len(ys)))
+                centre = (int(ys[k]), int(xs[k]))
+        y0 = self._start(rng, self.grid[0], ph, centre[0])
+        x0 = self._start(rng, self.grid[1], pw, centre[1])
+        image = image[:, y0 : y0 + ph, x0 : x0 + pw]
+        mask = mask[:, :, y0 : y0 + ph, x0 : x0 + pw]
+        if len(image) < pd_:
+            before = int(rng.integers(0, pd_ - len(image) + 1)) if self.train else 0
+            after = pd_ - len(image) - before
+            image = np.pad(image, ((before, after), (0, 0), (0, 0)))
+            mask = np.pad(mask, ((0, 0), (before, after), (0, 0), (0, 0)))
+        if self.train and rng.random() < self.hflip:
+            image, mask = image[..., ::-1], mask[..., ::-1]
+        if self.train and rng.random() < self.vflip:
+            image, mask = image[..., ::-1, :], mask[..., ::-1, :]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image[None])),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "case_day": self.case_days[volume],
+        }

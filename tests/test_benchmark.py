@@ -16,16 +16,17 @@ def test_quick_benchmark_writes_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick",
-         "--only", "rle", "loader", "metric", "--json", str(out)],
+         "--only", "rle", "loader", "metric", "patches", "ema", "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    for key in ("rle_decode_speedup", "loader_speedup", "metric_speedup"):
+    for key in ("rle_decode_speedup", "loader_speedup", "metric_speedup", "patch_loader_speedup"):
         assert results[key] > 0, key
         assert key in done.stdout and key in results["met"]
     assert results["rle_encode_per_s"] > 0
     assert results["metric_max_abs_diff"] < 1e-9
     assert results["loader_img_size"] == [320, 384]
+    assert results["ema_step_ratio"] > 0 and results["ema_step_ratio_timm"] > 0
     assert results["machine"]["cores"] >= 1
     assert not [p for p in tmp_path.iterdir() if p.name != "bench.json"]
