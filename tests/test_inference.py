@@ -40,7 +40,7 @@ from gitract.inference.submission import (
     write_submission,
 )
 from gitract.models.checkpoint import find_checkpoints
-from gitract.models.predict2d import Ensemble, predict_slices
+from gitract.models.kind2d import Ensemble, Kind2D, predict_slices
 from gitract.postprocess.steps import ClassPostprocess, default_params
 from gitract.training.engine import fit
 
@@ -280,13 +280,14 @@ def test_five_fold_submission_follows_a_shuffled_sample(
     sample = _read(synthetic_set.root / "sample_submission.csv").sample(frac=1, random_state=5)
     data = _test_copy(synthetic_set, tmp_path / "data", sample)
     loaded: list[Ensemble] = []
-    load = Ensemble.load.__func__
+    predictor = Kind2D.predictor
 
-    def spy(cls, paths, device, tta_flips=()):
-        loaded.append(load(cls, paths, device, tta_flips))
-        return loaded[-1]
+    def spy(self, *args, **kwargs):
+        made = predictor(self, *args, **kwargs)
+        loaded.append(made.ensemble)
+        return made
 
-    monkeypatch.setattr(Ensemble, "load", classmethod(spy))
+    monkeypatch.setattr(Kind2D, "predictor", spy)
     out = tmp_path / "sub" / "submission.csv"
     got = infer_test(
         five_folds.cfg, data, five_folds.runs, out=out, device=CPU, num_workers=0, progress=False

@@ -334,8 +334,7 @@ class DroppedModule(nn.Module):
 
     It has no parameters, so DistributedDataParallel (which, without the costly unused-parameter
     search, fails at the second step on a parameter that never gets a gradient) and the
-    optimizer only see what the network uses. Weights of the dropped module in an older
-    checkpoint are ignored on loading; calling it is a bug and raises.
+    optimizer only see what the network uses; calling it is a bug and raises.
     """
 
     def __init__(self, name: str) -> None:
@@ -344,9 +343,6 @@ class DroppedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"gitract dropped the encoder's unused module '{self.name}'")
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any):
-        """Accept and ignore whatever weights the module had (checkpoints from before)."""
 
     def extra_repr(self) -> str:
         return self.name
@@ -448,10 +444,6 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
     (:func:`drop_unused_modules`): DistributedDataParallel needs every parameter to get a
     gradient.
     """
-    if in_channels < 1 or classes < 1:
-        raise ConfigError(
-            f"model: in_channels and classes must be >= 1, got {in_channels}, {classes}"
-        )
     arch, encoder, weights = model_cfg.arch, model_cfg.encoder_name, model_cfg.encoder_weights
     _check_arch(arch)
     _check_encoder(encoder)
