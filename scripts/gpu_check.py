@@ -269,7 +269,7 @@ def run_ddp(
     One process forms no process group, so nothing of DDP would be checked: not run (``ok``
     None, ``reason`` says why)."""
     if nproc < 2:
-        reason = f"{nproc} process: DDP needs 2 or more (one GPU: pass --nproc 2 for 2 ranks)"
+        reason = f"{nproc} process: no process group, nothing of DDP to check"
         return {"nproc": nproc, "returncode": None, "ok": None, "reason": reason}
     folds_csv = make_folds(data_dir, work / "folds.csv")
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -319,7 +319,8 @@ def format_report(report: dict[str, Any]) -> str:
     h, w = report["img_size"]
     lines = [
         f"gpu_check on {report['device_name']} (torch {report['torch']}): {report['config']}, "
-        f"{report['model']}, {h}x{w}, amp {report['amp']}, channels_last "
+        f"{report['model']}, input {'x'.join(map(str, report.get('input', [h, w])))}, "
+        f"amp {report['amp']}, channels_last "
         f"{report['channels_last']}, {report['steps']} timed steps per size",
         f"{'batch':>5}  {'train img/s':>11}  {'train peak GiB':>14}  "
         f"{'infer img/s':>11}  {'infer peak GiB':>14}",
@@ -420,6 +421,7 @@ def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> di
     """Every measurement of the check on ``device``; the report as a JSON-ready dict."""
     ddp = device.type == "cuda" if args.ddp is None else args.ddp
     precision = _precision(cfg, device)
+    plan = kind_of(cfg).forward_plan(cfg, 1, 1)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         data_dir = make_data(work, args.cases, args.slices)
@@ -435,7 +437,8 @@ def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> di
         "device_name": _device_name(device),
         "torch": torch.__version__,
         "config": str(args.config),
-        "model": kind_of(cfg).forward_plan(cfg, 1, 1).label,
+        "model": plan.label,
+        "input": list(plan.input_shape[1:]),  # of one sample: (C, H, W) or (C, D, H, W)
         "img_size": list(cfg.data.img_size),
         "amp": precision.dtype is not None,
         "precision": precision.record(),
