@@ -421,7 +421,8 @@ def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> di
     """Every measurement of the check on ``device``; the report as a JSON-ready dict."""
     ddp = device.type == "cuda" if args.ddp is None else args.ddp
     precision = _precision(cfg, device)
-    plan = kind_of(cfg).forward_plan(cfg, 1, 1)
+    kind = kind_of(cfg)
+    plan = kind.forward_plan(cfg, 1, 1)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         data_dir = make_data(work, args.cases, args.slices)
@@ -437,7 +438,7 @@ def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> di
         "device_name": _device_name(device),
         "torch": torch.__version__,
         "config": str(args.config),
-        "model": plan.label,
+        "model": kind.describe(cfg),
         "input": list(plan.input_shape[1:]),  # of one sample: (C, H, W) or (C, D, H, W)
         "img_size": list(cfg.data.img_size),
         "amp": precision.dtype is not None,

@@ -209,7 +209,6 @@ def predict(args: argparse.Namespace, root: Path) -> Path:
     from gitract.inference.blend import BlendSpec
     from gitract.inference.submission import infer_test
     from gitract.kaggle.bundle import run_config
-    from gitract.models.kinds import kind_of
     from gitract.training.distributed import resolve_num_workers
 
     first = runs.members[0].run if isinstance(runs, BlendSpec) else runs
@@ -245,6 +244,7 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         format_blend_estimate,
         format_estimate,
     )
+    from gitract.models.kinds import kind_of
 
     if not isinstance(runs, BlendSpec):  # one 2.5D run or a config: time it on this device
         if runs is None or kind_of(run_config(runs)).slice_wise:

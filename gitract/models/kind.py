@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from gitract.config import Config
+from gitract.config import Config, config_from_dict
 from gitract.data.cache import VolumeCache
 from gitract.errors import CheckpointError, ConfigError
-from gitract.models.checkpoint import load_checkpoint
+from gitract.models.checkpoint import load_checkpoint, state_mismatch, strip_prefix
 from gitract.models.precision import Precision
 
 __all__ = ["FLIP_DIMS", "DayPrediction", "ForwardPlan", "ModelKind", "Predictor", "flip_views"]
@@ -97,9 +97,41 @@ class ModelKind(ABC):
         (weights come from a checkpoint, or speed is all that is measured)."""
 
     @abstractmethod
+    def describe(self, cfg: Config) -> str:
+        """The network in a few words (``Unet/efficientnet-b7``), for messages and reports."""
+
+    def fit_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+        """A checkpoint's state dict adapted to ``model`` before the strict load (as is)."""
+        return state
+
     def load(self, ckpt: Mapping[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
-        """The network rebuilt from a checkpoint's config, its weights loaded strictly, in eval
-        mode, and that config; CheckpointError naming ``source`` when they do not fit."""
+        """The network rebuilt from ``ckpt["config"]`` (nothing downloaded: the checkpoint has
+        every weight), ``ckpt["model"]`` loaded strictly, in eval mode, and that config.
+        ``source`` (usually the file's path) is what the CheckpointErrors name."""
+        where = f"checkpoint {source}" if source != "checkpoint" else "checkpoint"
+        for key in ("config", "model"):
+            if key not in ckpt:
+                raise CheckpointError(
+                    f"{where}: no '{key}' entry (keys: {', '.join(map(str, ckpt))})"
+                )
+        try:
+            cfg = config_from_dict(ckpt["config"], source=f"{where} config")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
+        if not isinstance(ckpt["model"], Mapping):
+            raise CheckpointError(f"{where}: 'model' is not a state dict")
+        try:
+            model = self.build(cfg, pretrained=False)
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        state = self.fit_state(model, strip_prefix(ckpt["model"]))
+        problem = state_mismatch(model, state)
+        if problem:
+            raise CheckpointError(
+                f"{where}: weights do not match its config ({self.describe(cfg)}): {problem}"
+            )
+        model.load_state_dict(state, strict=True)
+        return model.eval(), cfg
 
     def train_table(self, cfg: Config, table: pd.DataFrame) -> pd.DataFrame:
         """The slices of ``table`` a run trains on (all of them, unless the kind selects)."""

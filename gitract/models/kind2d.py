@@ -8,10 +8,9 @@ flip TTA on the model's canvas, each slice taken back to its own H x W
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +26,7 @@ from gitract.data.slices import SliceDataset, build_train_transform
 from gitract.errors import CheckpointError
 from gitract.models.kind import DayPrediction, ForwardPlan, ModelKind, flip_views
 from gitract.models.precision import Precision
-from gitract.models.smp2d import build_model, load_model_from_checkpoint
+from gitract.models.smp2d import build_model, without_dropped
 
 __all__ = ["KIND_2D", "Ensemble", "Kind2D", "Predictor2D", "predict_slices"]
 
@@ -177,8 +176,12 @@ class Kind2D(ModelKind):
             model_cfg = model_cfg.model_copy(update={"encoder_weights": None})
         return build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
 
-    def load(self, ckpt: Mapping[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
-        return load_model_from_checkpoint(ckpt, source)
+    def describe(self, cfg: Config) -> str:
+        return f"{cfg.model.arch}/{cfg.model.encoder_name}"
+
+    def fit_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+        # smp-hub files and checkpoints of undropped encoders hold the dropped modules' weights.
+        return without_dropped(model, state)
 
     def train_table(self, cfg: Config, table: pd.DataFrame) -> pd.DataFrame:
         if cfg.data.train_slices == "positive":  # only slices where some organ is drawn
@@ -200,7 +203,7 @@ class Kind2D(ModelKind):
 
     def forward_plan(self, cfg: Config, slices: int, case_days: int) -> ForwardPlan:
         shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
-        return ForwardPlan(shape, slices, "slices", f"{cfg.model.arch}/{cfg.model.encoder_name}")
+        return ForwardPlan(shape, slices, "slices", self.describe(cfg))
 
 
 KIND_2D = Kind2D()

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from gitract.config import Config, DataConfig, InferConfig, config_from_dict
+from gitract.config import Config, DataConfig, InferConfig
 from gitract.data.cache import VolumeCache
 from gitract.data.layout import CLASSES
 from gitract.data.patches import PatchDataset, load_volume
-from gitract.errors import CheckpointError, ConfigError, DataError
+from gitract.errors import DataError
 from gitract.models.kind import DayPrediction, ForwardPlan, ModelKind, flip_views
 from gitract.models.monai3d import build_model3d
 from gitract.models.precision import Precision
@@ -156,22 +155,8 @@ class Kind3D(ModelKind):
     def build(self, cfg: Config, pretrained: bool = True) -> nn.Module:
         return build_model3d(cfg.model, classes=len(CLASSES))
 
-    def load(self, ckpt: Mapping[str, Any], source: str = "checkpoint") -> tuple[nn.Module, Config]:
-        if "config" not in ckpt or "model" not in ckpt:
-            raise CheckpointError(f"checkpoint {source}: needs 'config' and 'model' entries")
-        try:
-            cfg = config_from_dict(ckpt["config"], source=f"checkpoint {source} config")
-            model = self.build(cfg)
-        except ConfigError as err:
-            raise CheckpointError(f"checkpoint {source}: {err}") from None
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as err:
-            detail = str(err).splitlines()[0]
-            raise CheckpointError(
-                f"checkpoint {source}: weights do not match its config ({cfg.model.arch}): {detail}"
-            ) from None
-        return model.eval(), cfg
+    def describe(self, cfg: Config) -> str:
+        return f"{cfg.model.arch} {cfg.model.init_filters} filters"
 
     def train_dataset(self, cfg: Config, table: pd.DataFrame, cache: VolumeCache) -> Dataset:
         return PatchDataset(
@@ -190,8 +175,7 @@ class Kind3D(ModelKind):
         depth = math.ceil(slices / case_days)
         grid = (depth, int(cfg.data.grid_hw[0]), int(cfg.data.grid_hw[1]))
         passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
-        label = f"{cfg.model.arch} {cfg.model.init_filters} filters"
-        return ForwardPlan((1, 1, *patch), passes, "tiles", label)
+        return ForwardPlan((1, 1, *patch), passes, "tiles", self.describe(cfg))
 
 
 KIND_3D = Kind3D()
