@@ -263,11 +263,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fits_the_3d_network(self) -> Config:
-        """The rules between sections of a 3D recipe (the network's name itself is checked
-        where it is built, with a suggestion)."""
+        """The rules between sections of a 3D recipe."""
         model, data = self.model, self.data
-        levels = LEVELS_3D.get(model.arch.lower())
-        if model.kind != "3d" or levels is None:
+        if model.kind != "3d":
             return self
         patch, grid = list(data.patch_size), list(data.grid_hw)
         if patch[1] > grid[0] or patch[2] > grid[1]:
@@ -275,6 +273,9 @@ class Config(_Section):
                 "text", "data.patch_size: the patch's in-plane size {inplane} must fit in "
                 "data.grid_hw {grid}", {"inplane": patch[1:], "grid": grid},
             )  # fmt: skip
+        levels = LEVELS_3D.get(model.arch.lower())
+        if levels is None:  # an unknown network: named where it is built, with a suggestion
+            return self
         if any(s % 2**levels for s in patch):
             raise PydanticCustomError(
                 "text", "data.patch_size: must be [D, H, W], three positive multiples of "

@@ -59,7 +59,9 @@ class Precision:
                     "use --set train.amp_dtype=fp16"
                 )
             dtype, note = torch.float16, f"{name} has no bf16: running this bf16 run in fp16"
-        if dtype is not None and not torch.amp.is_autocast_available(device.type):
+        # torch < 2.4 has no is_autocast_available; it has autocast on cuda and cpu.
+        available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cuda", "cpu"))
+        if dtype is not None and not available(device.type):
             raise ConfigError(
                 f"train.amp: torch {torch.__version__} has no autocast on {device.type}; "
                 "use --set train.amp=false"
