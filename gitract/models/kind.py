@@ -82,6 +82,8 @@ class ModelKind(ABC):
     slice_wise: ClassVar[bool]
     # The data settings that decide what a sample is: every fold of a run must share them.
     input_keys: ClassVar[tuple[str, ...]]
+    # Packages beyond the 2.5D stack an offline Kaggle kernel must install for this kind.
+    extra_wheels: ClassVar[tuple[str, ...]] = ()
 
     def precision(self, cfg: Config, device: torch.device, training: bool = True) -> Precision:
         """The run's precision policy on ``device``."""

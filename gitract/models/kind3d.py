@@ -148,6 +148,7 @@ class Kind3D(ModelKind):
     spatial_dims = 3
     slice_wise = False
     input_keys = ("grid_hw", "patch_size")
+    extra_wheels = ("monai",)
 
     def in_channels(self, cfg: Config) -> int:
         return 1
