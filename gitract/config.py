@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -37,6 +38,7 @@ from gitract.errors import ConfigError
 
 __all__ = [
     "CONFIG_DIR",
+    "LEVELS_3D",
     "DataConfig",
     "ModelConfig",
     "TrainConfig",
@@ -281,6 +283,11 @@ class PostprocessConfig(_Section):
         return (self.large_bowel, self.small_bowel, self.stomach)
 
 
+#: The 3D networks (matched case-insensitively) and their stride-2 levels: every patch and
+#: window side must be a multiple of 2 ** levels, or the skip connections would not line up.
+LEVELS_3D = {"segresnet": 3, "unet": 4}
+
+
 class Config(_Section):
     """A whole run: ``name`` names the run folder ``<out_dir>/<name>/fold<N>``."""
 
@@ -290,6 +297,35 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+
+    @model_validator(mode="after")
+    def _fits_the_3d_network(self) -> Config:
+        """The rules between sections of a 3D recipe."""
+        model, data = self.model, self.data
+        if model.kind != "3d":
+            return self
+        patch, grid = list(data.patch_size), list(data.grid_hw)
+        if patch[1] > grid[0] or patch[2] > grid[1]:
+            raise PydanticCustomError(
+                "text", "data.patch_size: the patch's in-plane size {inplane} must fit in "
+                "data.grid_hw {grid}", {"inplane": patch[1:], "grid": grid},
+            )  # fmt: skip
+        levels = LEVELS_3D.get(model.arch.lower())
+        if levels is None:  # an unknown network: named where it is built, with a suggestion
+            return self
+        if any(s % 2**levels for s in patch):
+            raise PydanticCustomError(
+                "text", "data.patch_size: must be [D, H, W], three positive multiples of "
+                "{multiple} for model.arch {arch}, got {patch}",
+                {"multiple": 2**levels, "arch": model.arch, "patch": patch},
+            )  # fmt: skip
+        filters = model.init_filters
+        if model.arch.lower() == "segresnet" and filters % 8:
+            raise PydanticCustomError(
+                "text", "model.init_filters: SegResNet needs a multiple of 8 (GroupNorm of 8 "
+                "groups), got {filters}", {"filters": filters},
+            )  # fmt: skip
+        return self
 
 
 _SECTIONS = [name for name in Config.model_fields if name != "name"]
@@ -349,6 +385,8 @@ def _message(error: ErrorDetails, root: type[BaseModel] = Config, quote: str = "
         return f"unknown {noun} {shown} ({hint})"
     if error["type"] == "rule":
         return f"{shown} must be {error['msg']}, got {value!r}"
+    if error["type"] == "text":  # a rule across keys: its message names them
+        return error["msg"]
     tp = _field_type(loc, root)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return f"section {shown} must be a mapping of key: value, got {type(value).__name__}"
@@ -378,7 +416,7 @@ def _validate(d: Mapping[str, Any], source: str, overrides: Sequence[str] = ()) 
         for text in overrides:
             parts = tuple(text.partition("=")[0].strip().split("."))
             shorter = min(len(parts), len(error["loc"]))
-            if error["type"] != "rule" and parts[:shorter] == error["loc"][:shorter]:
+            if error["type"] not in ("rule", "text") and parts[:shorter] == error["loc"][:shorter]:
                 where = f"--set {text}"
         raise ConfigError(f"{where}: {_message(error)}") from None
 

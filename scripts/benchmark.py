@@ -70,7 +70,7 @@ from gitract.data.slices import SliceDataset, build_train_transform
 from gitract.data.synthetic import generate
 from gitract.inference.submission import infer_test
 from gitract.models.checkpoint import find_checkpoints
-from gitract.models.predict2d import Ensemble
+from gitract.models.kind2d import Ensemble
 from gitract.models.smp2d import build_model
 from gitract.postprocess.steps import quantize
 from gitract.postprocess.tuning import tune_postprocess

@@ -1,4 +1,4 @@
-"""Check the default recipe on a real GPU: training and TTA inference speed and peak memory.
+"""Check a recipe (2.5D or 3D) on a real GPU: training and TTA inference speed and peak memory.
 
     python scripts/gpu_check.py [--config configs/default.yaml] [--batch-sizes 8 16 32]
         [--steps 10] [--img-size H W] [--ddp | --no-ddp] [--nproc N] [--json FILE]
@@ -6,14 +6,16 @@
 On a CUDA machine it measures, per batch size, on a small synthetic data set (made in a temp
 folder):
 
-- train: images/s of full training steps of the config's model (random init, AdamW, the config's
-  loss, fp16 autocast + GradScaler and channels-last when the config asks), after a warm-up
-  step, and the peak GPU memory (``torch.cuda.max_memory_allocated``) of those steps;
-- inference: images/s and peak memory of ``gitract.models.predict2d.Ensemble.predict`` (one model in
-  eval mode, the config's flip TTA);
+- train: images/s (3D: patches/s) of the training loop's own steps
+  (``gitract.training.engine.build_loop`` and ``train_one_epoch``, as ``fit`` runs them: random
+  init, fused AdamW, the config's loss, aux head, EMA, accumulation, and the run's precision
+  policy), after a warm-up step, and the peak GPU memory (``torch.cuda.max_memory_allocated``);
+- inference: images/s and peak memory of ``gitract.models.kind2d.Ensemble.predict`` (one model
+  in eval mode, the config's flip TTA, the run's precision);
 - whether batch 16 at 320x384 fits in 16 GiB (a Kaggle T4/P100): its peak against 16 GiB;
 - ``--ddp`` (default on CUDA): one short epoch of ``scripts/train.py`` under
   ``torchrun --standalone --nproc_per_node=<visible GPUs>`` on the same data; its exit code.
+  With one process there is no process group to check: "not run", and why.
 
 A batch size that runs out of memory is reported as OOM and the others still run. Batches are
 drawn from a DataLoader before the clock starts, so the numbers are the model's, not the
@@ -42,6 +44,8 @@ from gitract.atomic import write_text_atomic
 from gitract.cli import run_main
 from gitract.config import Config, load_config
 from gitract.errors import ConfigError
+from gitract.models.kinds import kind_of
+from gitract.models.precision import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CFG = ROOT / "configs" / "default.yaml"
@@ -91,15 +95,6 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GIB
 
 
-def _uses_amp(cfg: Config, device: torch.device) -> bool:
-    # fp16 autocast on CUDA only, as in training: CPU autocast is slower than fp32.
-    return cfg.train.amp and device.type == "cuda"
-
-
-def _uses_channels_last(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.channels_last and device.type == "cuda"
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -112,14 +107,15 @@ def make_data(work: Path, cases: int, slices: int, seed: int = 0) -> Path:
 
 
 def build_dataset(cfg: Config, data_dir: Path, cache_dir: Path) -> Any:
-    """The 2.5D training dataset of ``data_dir`` at the config's size, with its augmentations."""
+    """The model kind's training dataset of ``data_dir`` at the config's size, with its
+    augmentations."""
     from gitract.data.cache import VolumeCache
     from gitract.data.layout import load_train_table
-    from gitract.data.slices import SliceDataset, build_train_transform
 
-    table = load_train_table(data_dir, cfg.data.exclude)
+    kind = kind_of(cfg)
+    table = kind.train_table(cfg, load_train_table(data_dir, cfg.data.exclude))
     cache = VolumeCache(table, cache_dir, with_masks=True, progress=False)
-    return SliceDataset(table, cache, cfg.data, build_train_transform(cfg.train))
+    return kind.train_dataset(cfg, table, cache)
 
 
 def draw_batches(dataset: Any, batch_size: int, n_batches: int, device: torch.device) -> list:
@@ -137,20 +133,6 @@ def draw_batches(dataset: Any, batch_size: int, n_batches: int, device: torch.de
 # --------------------------------------------------------------------------- measurements
 
 
-def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    from gitract.data.layout import CLASSES
-    from gitract.models.smp2d import build_model
-
-    model_cfg = cfg.model.model_copy(
-        update={"encoder_weights": None}
-    )  # random init: speed is the same
-    model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
-    model = model.to(device)
-    if _uses_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def _timed(run_step: Callable[[int], None], steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` calls of ``run_step(i)`` after one untimed warm-up call."""
     run_step(0)
@@ -162,44 +144,41 @@ def _timed(run_step: Callable[[int], None], steps: int, device: torch.device) ->
     return time.perf_counter() - start
 
 
+def _precision(cfg: Config, device: torch.device) -> Precision:
+    return kind_of(cfg).precision(cfg, device)
+
+
 def measure_train(
     cfg: Config, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
     device: torch.device,
 ) -> dict[str, Any]:  # fmt: skip
-    """Images/s and peak memory of ``steps`` training steps (after a warm-up step) on
-    ``batches`` (cycled): forward under autocast, the config's loss, scaled backward, gradient
-    clipping, AdamW step, as ``gitract.training.engine`` trains."""
-    from gitract.models.losses import build_loss
+    """Images/s and peak memory of ``steps`` optimizer steps (after a warm-up step) on
+    ``batches`` (cycled): the training loop's own ``train_one_epoch`` over the loop
+    ``build_loop`` makes for ``cfg`` (``train.accumulate`` batches a step)."""
+    from gitract.training.distributed import DistContext
+    from gitract.training.engine import build_loop, train_one_epoch
 
     _reset_memory(device)
-    model = _build_model(cfg, device).train()
-    loss_fn = build_loss(cfg.train)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    loop, state = build_loop(
+        cfg, DistContext(0, 1, 0, device), steps, pretrained=False, progress=False
     )
-    amp = _uses_amp(cfg, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    channels_last = _uses_channels_last(cfg, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    items = [{"image": image, "mask": mask} for image, mask in batches]
+    accumulate = cfg.train.accumulate
 
-    def step(i: int) -> None:
-        image, mask = batches[i % len(batches)]
-        image = image.to(device, non_blocking=True, memory_format=memory_format)
-        mask = mask.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            logits = model(image)
-        loss = loss_fn(logits.float(), mask)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+    def epoch(n_batches: int) -> None:
+        train_one_epoch(loop, state, [items[k % len(items)] for k in range(n_batches)], epoch=1)
 
-    seconds = _timed(step, steps, device)
+    epoch(accumulate)  # warm-up: one step
+    _sync(device)
+    start = time.perf_counter()
+    epoch(accumulate * steps)
+    _sync(device)
+    seconds = time.perf_counter() - start
     batch_size = batches[0][0].shape[0]
-    return {"images_per_s": batch_size * steps / seconds, "peak_gib": _peak_gib(device)}
+    return {
+        "images_per_s": batch_size * accumulate * steps / seconds,
+        "peak_gib": _peak_gib(device),
+    }
 
 
 def measure_inference(
@@ -207,15 +186,13 @@ def measure_inference(
     device: torch.device,
 ) -> dict[str, Any]:  # fmt: skip
     """Images/s and peak memory of ``Ensemble.predict`` (one model in eval mode, the config's
-    flip TTA, autocast and channels-last as inference uses them) on ``batches`` (cycled)."""
-    from gitract.models.predict2d import Ensemble
+    flip TTA, in the run's precision) on ``batches`` (cycled)."""
+    from gitract.models.kind2d import Ensemble
 
     _reset_memory(device)
-    model = _build_model(cfg, device).eval()
-    ensemble = Ensemble(
-        [model], [cfg], device, tuple(cfg.infer.tta_flips),
-        amp=_uses_amp(cfg, device), channels_last=_uses_channels_last(cfg, device),
-    )  # fmt: skip
+    kind, precision = kind_of(cfg), _precision(cfg, device)
+    model = precision.to_model(kind.build(cfg, pretrained=False)).eval()
+    ensemble = Ensemble([model], [cfg], device, tuple(cfg.infer.tta_flips), precision)
 
     def step(i: int) -> None:
         ensemble.predict(batches[i % len(batches)][0])
@@ -288,7 +265,12 @@ def run_ddp(
     timeout: float = 900.0,
 ) -> dict[str, Any]:  # fmt: skip
     """One epoch of fold 0 with ``scripts/train.py`` under ``torchrun --standalone`` on
-    ``nproc`` processes; returns its exit code, wall time and, on failure, its last lines."""
+    ``nproc`` processes; returns its exit code, wall time and, on failure, its last lines.
+    One process forms no process group, so nothing of DDP would be checked: not run (``ok``
+    None, ``reason`` says why)."""
+    if nproc < 2:
+        reason = f"{nproc} process: no process group, nothing of DDP to check"
+        return {"nproc": nproc, "returncode": None, "ok": None, "reason": reason}
     folds_csv = make_folds(data_dir, work / "folds.csv")
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = (
@@ -315,7 +297,8 @@ def run_ddp(
     out: dict[str, Any] = {
         "nproc": nproc,
         "returncode": returncode,
-        "ok": returncode == 0 and bool(wrote),
+        # Every rank in one process group: train.py names the world size it trained with.
+        "ok": returncode == 0 and bool(wrote) and f" x{nproc}:" in stdout,
         "seconds": seconds,
         "command": " ".join(cmd),
     }
@@ -336,7 +319,8 @@ def format_report(report: dict[str, Any]) -> str:
     h, w = report["img_size"]
     lines = [
         f"gpu_check on {report['device_name']} (torch {report['torch']}): {report['config']}, "
-        f"{report['model']}, {h}x{w}, amp {report['amp']}, channels_last "
+        f"{report['model']}, input {'x'.join(map(str, report.get('input', [h, w])))}, "
+        f"amp {report['amp']}, channels_last "
         f"{report['channels_last']}, {report['steps']} timed steps per size",
         f"{'batch':>5}  {'train img/s':>11}  {'train peak GiB':>14}  "
         f"{'infer img/s':>11}  {'infer peak GiB':>14}",
@@ -366,8 +350,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"vs {fit['limit_gib']:.0f} GiB (CUDA context and allocator cache not counted)"
         )
     ddp = report["ddp"]
-    if ddp is None:
-        lines.append("torchrun: not run")
+    if ddp is None or ddp["ok"] is None:
+        reason = "" if ddp is None else f" ({ddp['reason']})"
+        lines.append(f"torchrun: not run{reason}")
     else:
         status = "ok" if ddp["ok"] else "FAILED"
         lines.append(
@@ -435,6 +420,9 @@ def _check_args(args: argparse.Namespace) -> Config:
 def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Every measurement of the check on ``device``; the report as a JSON-ready dict."""
     ddp = device.type == "cuda" if args.ddp is None else args.ddp
+    precision = _precision(cfg, device)
+    kind = kind_of(cfg)
+    plan = kind.forward_plan(cfg, 1, 1)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         data_dir = make_data(work, args.cases, args.slices)
@@ -450,10 +438,12 @@ def run_check(args: argparse.Namespace, cfg: Config, device: torch.device) -> di
         "device_name": _device_name(device),
         "torch": torch.__version__,
         "config": str(args.config),
-        "model": f"{cfg.model.arch} + {cfg.model.encoder_name}",
+        "model": kind.describe(cfg),
+        "input": list(plan.input_shape[1:]),  # of one sample: (C, H, W) or (C, D, H, W)
         "img_size": list(cfg.data.img_size),
-        "amp": _uses_amp(cfg, device),
-        "channels_last": _uses_channels_last(cfg, device),
+        "amp": precision.dtype is not None,
+        "precision": precision.record(),
+        "channels_last": precision.channels_last,
         "tta_flips": list(cfg.infer.tta_flips),
         "steps": args.steps,
         "train": train,
@@ -475,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     ddp = report["ddp"]
-    return 1 if ddp is not None and not ddp["ok"] else 0
+    return 1 if ddp is not None and ddp["ok"] is False else 0
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         format_blend_estimate,
         format_estimate,
     )
+    from gitract.models.kinds import kind_of
 
     timing = {"folds": args.folds, "batch_size": args.batch_size, "batches": args.batches}
     if args.config:
@@ -227,8 +228,8 @@ def estimate(args: argparse.Namespace, root: Path) -> None:
         return
     bundle = None if args.runs else (wheels or find_bundle(root / "input")).parent
     spec = resolve_runs(args, bundle)
-    for member in spec.members:
-        if run_config(member.run).model.kind != "3d":
+    for member in spec.members:  # the slice-wise (2.5D) ones: timed on this device
+        if kind_of(run_config(member.run)).slice_wise:
             est = estimate_runtime(args.slices, member.run, **timing)
             print(format_estimate(est), flush=True)
     tflops = {k: v for k, v in (("2.5d", args.tflops_2d), ("3d", args.tflops_3d)) if v}

@@ -32,7 +32,7 @@ from gitract.inference.blend import (
     read_ensemble,
 )
 from gitract.inference.submission import OOF_PROBS_DIR, encode_volume, infer_oof, infer_test
-from gitract.models.predict2d import Ensemble
+from gitract.models.kind2d import Ensemble
 from gitract.postprocess.steps import ClassPostprocess, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,8 +241,9 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
     run2, run3 = two_runs
     spec = blend_spec([run2, run3], [0.75, 0.25], tmp_path / "blend")
     members = [load_member(m, CPU) for m in spec.members]
-    assert [type(m).__name__ for m in members] == ["Member2D", "Member3D"]
-    assert len(members[0].ensemble.models) == 3 and len(members[1].models) == 3
+    assert [type(m.predictor).__name__ for m in members] == ["Predictor2D", "Predictor3D"]
+    assert len(members[0].predictor.ensemble.models) == 3
+    assert len(members[1].predictor.models) == 3
 
     images = scan_images(synthetic_set.root / "test")
     table = images.sort_values(["case", "day", "slice"], kind="stable")

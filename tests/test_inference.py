@@ -28,7 +28,6 @@ from gitract.data.folds import create_folds_file, load_folds
 from gitract.data.layout import CLASSES, load_train_table, parse_slice_path, scan_images
 from gitract.data.rle import rle_decode, rle_encode
 from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.inference import blend
 from gitract.inference import submission as inference
 from gitract.inference.blend import blend_spec
 from gitract.inference.submission import (
@@ -38,8 +37,9 @@ from gitract.inference.submission import (
     read_sample_submission,
     write_submission,
 )
+from gitract.models import kind2d
 from gitract.models.checkpoint import find_checkpoints
-from gitract.models.predict2d import Ensemble, predict_slices
+from gitract.models.kind2d import Ensemble, Kind2D, predict_slices
 from gitract.postprocess.steps import ClassPostprocess, load_postprocess, quantize
 from gitract.training.engine import fit
 
@@ -273,13 +273,14 @@ def test_five_fold_submission_follows_a_shuffled_sample(
     sample = _read(synthetic_set.root / "sample_submission.csv").sample(frac=1, random_state=5)
     data = _test_copy(synthetic_set, tmp_path / "data", sample)
     loaded: list[Ensemble] = []
-    load = Ensemble.load.__func__
+    predictor = Kind2D.predictor
 
-    def spy(cls, paths, device, tta_flips=()):
-        loaded.append(load(cls, paths, device, tta_flips))
-        return loaded[-1]
+    def spy(self, *args, **kwargs):
+        made = predictor(self, *args, **kwargs)
+        loaded.append(made.ensemble)
+        return made
 
-    monkeypatch.setattr(Ensemble, "load", classmethod(spy))
+    monkeypatch.setattr(Kind2D, "predictor", spy)
     out = tmp_path / "sub" / "submission.csv"
     got = infer_test(
         five_folds.cfg,
@@ -532,8 +533,8 @@ def test_test_inference_streams_one_case_day_at_a_time(monkeypatch) -> None:
             consumed.append(i)
             yield i, np.full((3, 4, 5), 0.6, np.float32), None
 
-    monkeypatch.setattr(blend, "predict_slices", stream)
-    volumes = blend.Member2D("run", ensemble=None).days(table, cache=None, progress=False)
+    monkeypatch.setattr(kind2d, "predict_slices", stream)
+    volumes = kind2d.Predictor2D(ensemble=None).days(table, cache=None, progress=False)
     day = next(volumes)
     assert (day.case_day, day.ids) == ("case1_day0", ids[:2])
     probs = quantize(day.probs)

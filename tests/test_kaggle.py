@@ -619,7 +619,7 @@ def test_sliding_window_tiles_match_monai():
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    from gitract.kaggle.estimate import sliding_window_tiles
+    from gitract.models.kind3d import sliding_window_tiles
 
     for shape, patch, overlap in [
         ((144, 256, 256), (80, 160, 160), 0.5), ((80, 256, 256), (80, 160, 160), 0.5),

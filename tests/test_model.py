@@ -14,7 +14,8 @@ from gitract.config import Config, ModelConfig, config_to_dict, load_config
 from gitract.errors import CheckpointError, ConfigError
 from gitract.models import smp2d as model_mod
 from gitract.models.checkpoint import load_checkpoint
-from gitract.models.smp2d import build_model, load_model_from_checkpoint
+from gitract.models.kind2d import KIND_2D
+from gitract.models.smp2d import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig(arch="Unet", encoder_name="resnet18", encoder_weights=None)
@@ -262,14 +263,12 @@ def test_efficientnet_head_is_dropped_and_old_checkpoints_still_load(tmp_path):
     with pytest.raises(RuntimeError, match="dropped the encoder's unused module '_conv_head'"):
         net.encoder._conv_head(torch.zeros(1))
 
-    # A checkpoint written before the heads were dropped loads, and so does a plain
-    # load_state_dict (what resuming does), strictly.
+    # A checkpoint written before the heads were dropped loads.
     path = _checkpoint(tmp_path, cfg, old.eval())
-    again, _ = load_model_from_checkpoint(load_checkpoint(path), source=path)
+    again, _ = KIND_2D.load(load_checkpoint(path), source=path)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(again(x), old(x))
-    net.load_state_dict(old.state_dict(), strict=True)
 
     # So does an encoder file that still holds them (smp-hub's model.safetensors does).
     enc_path = tmp_path / "encoder.pth"
@@ -366,7 +365,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = _checkpoint(tmp_path, cfg, net)
     ckpt = load_checkpoint(path)
     assert ckpt["epoch"] == 3
-    again, cfg2 = load_model_from_checkpoint(ckpt, source=path)
+    again, cfg2 = KIND_2D.load(ckpt, source=path)
     assert cfg2 == cfg and not again.training
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -377,7 +376,7 @@ def test_checkpoint_never_downloads(tmp_path, offline):
     """The config inside says imagenet, but a checkpoint has every weight: build with None."""
     cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", ["model.encoder_weights=imagenet"])
     net = build_model(cfg.model.model_copy(update={"encoder_weights": None}), in_channels=3)
-    model, _ = load_model_from_checkpoint(load_checkpoint(_checkpoint(tmp_path, cfg, net)))
+    model, _ = KIND_2D.load(load_checkpoint(_checkpoint(tmp_path, cfg, net)))
     for mine, theirs in zip(model.state_dict().values(), net.state_dict().values(), strict=True):
         assert torch.equal(mine, theirs)
 
@@ -388,7 +387,7 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
     net = build_model(SMALL, in_channels=3)  # resnet18 weights, resnet34 config
     path = _checkpoint(tmp_path, cfg, net)
     with pytest.raises(CheckpointError) as e:
-        load_model_from_checkpoint(load_checkpoint(path), source=path)
+        KIND_2D.load(load_checkpoint(path), source=path)
     msg = str(e.value)
     assert msg.startswith(f"checkpoint {path}: weights do not match its config (Unet/resnet34): ")
     assert "missing, 0 unexpected keys, e.g. missing 'encoder.layer1.2." in msg
@@ -401,9 +400,9 @@ def test_checkpoint_with_invalid_config_or_entries(tmp_path):
     with pytest.raises(
         CheckpointError, match=r"^checkpoint ck\.pt config: unknown key 'train\.epoch'"
     ):
-        load_model_from_checkpoint({"model": net.state_dict(), "config": bad}, source="ck.pt")
+        KIND_2D.load({"model": net.state_dict(), "config": bad}, source="ck.pt")
     with pytest.raises(CheckpointError, match=r"^checkpoint: no 'config' entry"):
-        load_model_from_checkpoint({"model": net.state_dict()})
+        KIND_2D.load({"model": net.state_dict()})
 
 
 def test_load_checkpoint_refuses_pickled_callables(tmp_path):

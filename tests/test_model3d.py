@@ -12,16 +12,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gitract.config import CONFIG_DIR, DataConfig, InferConfig, ModelConfig, load_config
+from gitract.config import (
+    CONFIG_DIR,
+    DataConfig,
+    InferConfig,
+    ModelConfig,
+    config_from_dict,
+    load_config,
+)
 from gitract.data.cache import VolumeCache
 from gitract.data.folds import load_folds
 from gitract.data.layout import load_train_table
 from gitract.data.patches import PatchDataset, case_day_ids, load_volume
 from gitract.errors import ConfigError, DataError
-from gitract.models.monai3d import build_model3d, check_patch_size
-from gitract.models.predict3d import predict_volume3d
+from gitract.models.kind3d import predict_volume3d
+from gitract.models.monai3d import build_model3d
+from gitract.models.precision import Precision
 
 CPU = torch.device("cpu")
+FP32 = Precision(CPU)
 EPOCHS = 4  # of the learning test
 
 
@@ -54,17 +63,18 @@ def test_network_config_errors() -> None:
                        r"did you mean 'SegResNet'"):  # fmt: skip
         build_model3d(ModelConfig(kind="3d", arch="SegResNt"))
     with pytest.raises(ConfigError, match=r"model.init_filters: SegResNet needs a multiple of 8"):
-        build_model3d(ModelConfig(kind="3d", arch="SegResNet", init_filters=12))
-    check_patch_size(ModelConfig(kind="3d", arch="SegResNet"), [80, 160, 160])
+        config_from_dict({"model": {"kind": "3d", "arch": "SegResNet", "init_filters": 12}})
+    segresnet = {"kind": "3d", "arch": "SegResNet"}
+    config_from_dict({"model": segresnet, "data": {"patch_size": [80, 160, 160]}})
     with pytest.raises(ConfigError, match=r"data.patch_size: .*multiples of 16 for model.arch"):
-        check_patch_size(ModelConfig(kind="3d", arch="UNet"), [24, 64, 64])
+        unet = {"kind": "3d", "arch": "UNet"}
+        config_from_dict({"model": unet, "data": {"patch_size": [24, 64, 64]}})
 
 
 @pytest.mark.parametrize("name", ["default_3d", "demo_cpu_3d"])
 def test_3d_configs_load_and_fit_the_network(name: str) -> None:
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
-    assert cfg.name == name and cfg.model.kind == "3d"
-    check_patch_size(cfg.model, cfg.data.patch_size)
+    assert cfg.name == name and cfg.model.kind == "3d"  # its patch size checked by the config
     assert cfg.data.patch_size[1] <= cfg.data.grid_hw[0]
     assert cfg.data.patch_size[2] <= cfg.data.grid_hw[1]
     build_model3d(cfg.model)
@@ -145,7 +155,8 @@ def test_patch_dataset_validation_items_are_fixed_and_unflipped(tiny_volumes) ->
 def test_patch_dataset_needs_masks_and_fitting_sizes(tiny_volumes) -> None:
     _, table, cache = tiny_volumes
     with pytest.raises(ConfigError, match=r"data.patch_size: .* must fit in data.grid_hw"):
-        PatchDataset(table, cache, _data_cfg(grid_hw=[32, 32], patch_size=[8, 64, 32]))
+        data = {"grid_hw": [32, 32], "patch_size": [8, 64, 32]}
+        config_from_dict({"model": {"kind": "3d", "arch": "SegResNet"}, "data": data})
     no_masks = VolumeCache(table, with_masks=False, progress=False)
     with pytest.raises(DataError, match="without masks"):
         PatchDataset(table, no_masks, _data_cfg(grid_hw=[32, 32], patch_size=[8, 32, 32]))
@@ -193,7 +204,7 @@ def test_predict_volume3d_flip_views_are_flipped_back() -> None:
 
     def predict(flips: list[str]) -> np.ndarray:
         infer = InferConfig().model_copy(update={"tta_flips": flips})
-        return predict_volume3d([model], image.numpy(), (16, 24), data, infer, CPU)
+        return predict_volume3d([model], image.numpy(), (16, 24), data, infer, FP32)
 
     with torch.no_grad():
         plain, h, v = probs(()), probs((-1,)), probs((-2,))
@@ -222,7 +233,7 @@ def test_predict_volume3d_native_size_windows_and_ensemble_mean() -> None:
     image[:, :16, :8] = 1.0  # top-left: rows 0-15 of 32, columns 0-7 of 32
     data = _data_cfg(grid_hw=list(grid), patch_size=[8, 16, 16])  # several overlapping windows
     infer = InferConfig().model_copy(update={"tta_flips": ["hflip"], "sw_overlap": 0.5})
-    out = predict_volume3d([_Bright()], image, (310, 360), data, infer, CPU)
+    out = predict_volume3d([_Bright()], image, (310, 360), data, infer, FP32)
     assert out.shape == (depth, 3, 310, 360) and out.dtype == np.float32
     on = out[:, 0] > 0.5
     # H is the first in-plane axis: the bright block is in rows < 155 and columns < 90.
@@ -231,7 +242,7 @@ def test_predict_volume3d_native_size_windows_and_ensemble_mean() -> None:
     zero = _Skewed3d()
     with torch.no_grad():
         zero.conv.weight.zero_()
-    both = predict_volume3d([_Bright(), zero], image, (310, 360), data, infer, CPU)
+    both = predict_volume3d([_Bright(), zero], image, (310, 360), data, infer, FP32)
     np.testing.assert_allclose(both, (out + 0.5) / 2, atol=1e-5)
 
 
@@ -273,7 +284,7 @@ def test_demo_recipe_learns_the_synthetic_data(synthetic_set) -> None:
         image, _ = load_volume(cache, ids, tuple(cfg.data.grid_hw), with_mask=False)
         info, _ = cache.locate(ids[0])
         probs = predict_volume3d(
-            [model], image, (info.height, info.width), cfg.data, cfg.infer, CPU
+            [model], image, (info.height, info.width), cfg.data, cfg.infer, FP32
         )
         assert probs.shape == (len(ids), 3, info.height, info.width)
         pred = probs > 0.5

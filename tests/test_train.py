@@ -382,7 +382,7 @@ def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Pat
     """model.aux_head: the per-slice "organ present" head trains beside the masks (BCE on slice
     presence) and beats always answering the majority on held-out cases."""
     from gitract.models.checkpoint import load_checkpoint
-    from gitract.models.smp2d import load_model_from_checkpoint
+    from gitract.models.kind2d import KIND_2D
 
     cfg = load_config(
         DEMO, [*FAST, "train.epochs=4", "model.aux_head=true", "train.aux_weight=0.5"]
@@ -393,7 +393,7 @@ def test_aux_head_learns_which_slices_hold_an_organ(synthetic_set, tmp_path: Pat
     present = (table.loc[table["fold"] == 0, list(CLASSES)] != "").to_numpy()
     majority = max(present.mean(), 1 - present.mean())
     assert history["val_presence_acc"].max() > majority
-    model, _ = load_model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    model, _ = KIND_2D.load(load_checkpoint(run_dir / "best.pt"))
     masks, presence = model(torch.rand(2, 3, 64, 64))
     assert masks.shape == (2, 3, 64, 64) and presence.shape == (2, 3)
 

@@ -4,7 +4,7 @@ The 3D network sees a case-day as one (D, gH, gW) volume: every slice, in slice 
 from its native H x W (266x266, 310x360, ...) to the grid ``data.grid_hw``, with the same
 per-case-day intensity normalisation as the 2.5D samples (:class:`~gitract.data.cache.VolumeCache`).
 Resizing to one grid (rather than padding) lets all case-days share one patch size and puts the
-organs at similar pixel scales; :func:`gitract.models.predict3d.predict_volume3d` resizes back.
+organs at similar pixel scales; :func:`gitract.models.kind3d.predict_volume3d` resizes back.
 
 Training patches are cut from the case-days resampled once to the grid
 (:class:`~gitract.data.grid.GridVolumes`, on disk beside the volume cache): an item reads only
@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import Dataset
 
 from gitract.config import DataConfig
-from gitract.data.layout import CLASSES
-from gitract.errors import ConfigError, DataError
 from gitract.data.cache import VolumeCache
 from gitract.data.grid import GridVolumes, resize_plane, unpack
+from gitract.data.layout import CLASSES
+from gitract.errors import DataError
 
 __all__ = ["PatchDataset", "case_day_ids", "load_volume"]
 
@@ -54,20 +54,6 @@ def case_day_ids(table: pd.DataFrame) -> dict[str, list[str]]:
     """case_day -> its slice ids in slice order (case-days sorted by name)."""
     ordered = table.sort_values(["case_day", "slice"])
     return {cd: group["id"].tolist() for cd, group in ordered.groupby("case_day", sort=True)}
-
-
-def _check_sizes(data_cfg: DataConfig) -> tuple[tuple[int, int, int], tuple[int, int]]:
-    patch, grid = list(data_cfg.patch_size), list(data_cfg.grid_hw)
-    if len(patch) != 3 or any(s <= 0 for s in patch):
-        raise ConfigError(f"data.patch_size: must be [D, H, W], three sizes > 0, got {patch}")
-    if len(grid) != 2 or any(s <= 0 for s in grid):
-        raise ConfigError(f"data.grid_hw: must be [H, W], two sizes > 0, got {grid}")
-    if patch[1] > grid[0] or patch[2] > grid[1]:
-        raise ConfigError(
-            f"data.patch_size: the patch's in-plane size {patch[1:]} must fit in data.grid_hw "
-            f"{grid}"
-        )
-    return (patch[0], patch[1], patch[2]), (grid[0], grid[1])
 
 
 class PatchDataset(Dataset):
@@ -107,7 +93,9 @@ class PatchDataset(Dataset):
             raise DataError("PatchDataset: the volume cache was built without masks")
         if patches_per_volume < 1:
             raise ValueError(f"patches_per_volume must be >= 1, got {patches_per_volume}")
-        self.patch, self.grid = _check_sizes(data_cfg)
+        # The config checked them (gitract.config: the patch fits in the grid).
+        self.patch = tuple(int(s) for s in data_cfg.patch_size)
+        self.grid = (int(data_cfg.grid_hw[0]), int(data_cfg.grid_hw[1]))
         self.cache = cache
         self.patches_per_volume = patches_per_volume
         self.train = train

@@ -23,34 +23,26 @@ An ensemble file (YAML, or JSON) names the members and where the blend's own fil
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 import yaml
-from torch import nn
 
-from gitract.config import Config, config_from_dict
 from gitract.data.cache import VolumeCache
-from gitract.data.patches import load_volume
-from gitract.errors import CheckpointError, ConfigError, DataError
-from gitract.models.checkpoint import find_checkpoints, load_checkpoint, run_config_of
-from gitract.models.monai3d import build_model3d
-from gitract.models.predict2d import Ensemble, predict_slices
-from gitract.models.predict3d import predict_volume3d
+from gitract.errors import CheckpointError, ConfigError
+from gitract.models.checkpoint import find_checkpoints, run_config_of
+from gitract.models.kind import DayPrediction, Predictor
+from gitract.models.kinds import kind_of
 
 __all__ = [
     "BlendSpec",
     "DayPrediction",
     "Member",
-    "Member2D",
-    "Member3D",
     "MemberSpec",
     "add_spec_arguments",
     "blend_days",
@@ -75,17 +67,6 @@ class BlendSpec:
 
     members: tuple[MemberSpec, ...]
     dir: Path
-
-
-@dataclass
-class DayPrediction:
-    """One case-day: slice ids in slice order, float32 (D, 3, H, W) probabilities at the
-    slices' own size, and the per-slice presence probability (D, 3) or None."""
-
-    case_day: str
-    ids: list[str]
-    probs: np.ndarray
-    presence: np.ndarray | None = None
 
 
 def _check_weight(value: object, where: str) -> float:
@@ -194,119 +175,20 @@ def add_spec_arguments(parser: argparse.ArgumentParser, runs_help: str) -> None:
 # --------------------------------------------------------------------------- members
 
 
-class Member(Protocol):
-    """What a blend needs of a member: its weight and, for the slices of a table (sorted by
-    case, day, slice), one :class:`DayPrediction` per case-day in that order."""
+@dataclass(frozen=True)
+class Member:
+    """One run of a blend: its name, its folds as one predictor (from its model kind), and
+    its weight."""
 
     name: str
-    weight: float
-
-    def days(
-        self, table: pd.DataFrame, cache: VolumeCache, progress: bool = True
-    ) -> Iterator[DayPrediction]: ...
-
-
-@dataclass
-class Member2D:
-    """A 2.5D run: its folds' ``Ensemble``, slice batches grouped into
-    case-days."""
-
-    name: str
-    ensemble: Ensemble
+    predictor: Predictor
     weight: float = 1.0
-    batch_size: int = 32
-    num_workers: int = 0
 
     def days(
         self, table: pd.DataFrame, cache: VolumeCache, progress: bool = True
     ) -> Iterator[DayPrediction]:
-        day_of = dict(zip(table["id"], table["case_day"], strict=True))
-        stream = predict_slices(
-            self.ensemble, table, cache, self.batch_size, self.num_workers, progress
-        )
-        for case_day, group in itertools.groupby(stream, key=lambda item: day_of[item[0]]):
-            ids, probs, presence = zip(*group, strict=True)
-            stacked = None if presence[0] is None else np.stack(presence).astype(np.float32)
-            yield DayPrediction(case_day, list(ids), np.stack(probs), stacked)
-
-
-@dataclass
-class Member3D:
-    """A 3D run: its folds' MONAI networks on whole case-day volumes (gitract.models.predict3d)."""
-
-    name: str
-    models: list[nn.Module]
-    config: Config
-    device: torch.device
-    weight: float = 1.0
-    amp: bool = False
-
-    @classmethod
-    def load(
-        cls,
-        name: str,
-        paths: Sequence[Path],
-        device: torch.device,
-        weight: float = 1.0,
-        tta_flips: Sequence[str] | None = None,
-    ) -> Member3D:
-        """Rebuild each fold with ``build_model3d`` from its own checkpoint's config and load
-        its weights strictly; all folds must share the input settings (grid, patch size)."""
-        models, configs = [], []
-        for path in paths:
-            ckpt = load_checkpoint(path)
-            if "config" not in ckpt or "model" not in ckpt:
-                raise CheckpointError(f"checkpoint {path}: needs 'config' and 'model' entries")
-            try:
-                cfg = config_from_dict(ckpt["config"], source=f"checkpoint {path} config")
-                model = build_model3d(cfg.model, classes=3)
-            except ConfigError as err:
-                raise CheckpointError(f"checkpoint {path}: {err}") from None
-            try:
-                model.load_state_dict(ckpt["model"], strict=True)
-            except RuntimeError as err:
-                detail = str(err).splitlines()[0]
-                raise CheckpointError(
-                    f"checkpoint {path}: weights do not match its config "
-                    f"({cfg.model.arch}): {detail}"
-                ) from None
-            models.append(model.to(device).eval())
-            configs.append(cfg)
-        first = (list(configs[0].data.grid_hw), list(configs[0].data.patch_size))
-        for path, cfg in zip(paths, configs, strict=True):
-            if (list(cfg.data.grid_hw), list(cfg.data.patch_size)) != first:
-                raise CheckpointError(
-                    f"{path}: grid/patch {cfg.data.grid_hw}/{cfg.data.patch_size} differ from "
-                    f"{paths[0]}'s {first[0]}/{first[1]}; a member holds folds of one recipe"
-                )
-        cfg = configs[0]
-        if tta_flips is not None:
-            infer = cfg.infer.model_copy(update={"tta_flips": list(tta_flips)})
-            cfg = cfg.model_copy(update={"infer": infer})
-        amp = device.type == "cuda" and cfg.train.amp
-        return cls(name, models, cfg, device, weight, amp)
-
-    def days(
-        self, table: pd.DataFrame, cache: VolumeCache, progress: bool = True
-    ) -> Iterator[DayPrediction]:
-        grid = (int(self.config.data.grid_hw[0]), int(self.config.data.grid_hw[1]))
-        for case_day, rows in itertools.groupby(
-            table[["id", "case_day", "height", "width"]].itertuples(index=False),
-            key=lambda row: row.case_day,
-        ):
-            rows = list(rows)
-            sizes = {(int(r.height), int(r.width)) for r in rows}
-            if len(sizes) != 1:
-                raise DataError(
-                    f"{case_day}: slices of several sizes {sorted(sizes)}; a 3D member needs one"
-                )
-            ids = [r.id for r in rows]
-            image, _ = load_volume(cache, ids, grid, with_mask=False)
-            probs = predict_volume3d(
-                self.models, image, sizes.pop(), self.config.data, self.config.infer,
-                self.device, amp=self.amp,
-            )  # fmt: skip
-            yield DayPrediction(case_day, ids, probs, None)
+        """One :class:`DayPrediction` per case-day of ``table`` (sorted by case, day, slice)."""
+        return self.predictor.days(table, cache, progress)
 
 
 def load_member(
@@ -319,12 +201,9 @@ def load_member(
     its own config, with that config's TTA flips and batch size (the run's own recipe, in a
     blend of one as in a blend of several)."""
     paths = find_checkpoints(spec.run, folds)
-    cfg = run_config_of(paths[0])
-    name = spec.run.name
-    if cfg.model.kind == "3d":
-        return Member3D.load(name, paths, device, spec.weight)
-    ensemble = Ensemble.load(paths, device, cfg.infer.tta_flips)
-    return Member2D(name, ensemble, spec.weight, cfg.infer.batch_size, num_workers)
+    kind = kind_of(run_config_of(paths[0]))
+    predictor = kind.load_predictor(paths, device, num_workers=num_workers)
+    return Member(spec.run.name, predictor, spec.weight)
 
 
 def blend_days(

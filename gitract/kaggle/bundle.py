@@ -283,7 +283,10 @@ def _replace_dir(staged: Path, target: Path) -> None:
 
 
 def _is_3d(run: Path) -> bool:
-    return run_config(run).model.kind == "3d"
+    """Whether the run's model kind needs MONAI's wheel in the bundle."""
+    from gitract.models.kinds import kind_of  # torch and the model stack: see the top
+
+    return "monai" in kind_of(run_config(run)).extra_wheels
 
 
 def build_bundle(

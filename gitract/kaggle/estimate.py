@@ -4,12 +4,11 @@ and a FLOP estimate of a blend at assumed T4 speeds, both against the 9-hour lim
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gitract.config import Config, load_config
+from gitract.config import load_config
 from gitract.errors import GitractError
 
 # torch and the model stack are imported inside the functions that use them: the Kaggle
@@ -25,7 +24,6 @@ __all__ = [
     "format_blend_estimate",
     "format_estimate",
     "measure_throughput",
-    "sliding_window_tiles",
 ]
 
 
@@ -73,15 +71,6 @@ def measure_throughput(ensemble, batch_size: int, batches: int = 3) -> float:
     return batch_size * batches / (time.perf_counter() - start)
 
 
-def _random_init_2d(cfg: Config):
-    """The 2.5D network of ``cfg`` without pretrained weights (nothing to download): for
-    timing and FLOP counts only."""
-    from gitract.models.smp2d import build_model
-
-    model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
-    return build_model(model_cfg, in_channels=cfg.data.in_channels).eval()
-
-
 def estimate_runtime(
     slices: int,
     runs: Path | None = None,
@@ -92,34 +81,33 @@ def estimate_runtime(
     batches: int = 3,
     device=None,
 ) -> RuntimeEstimate:
-    """Time one model of ``runs`` (or, random-init, of ``config``) and scale to ``slices``
-    x folds x TTA views. Folds: ``folds``, else the runs' count, else 5 for a config. The batch
-    is the config's ``infer.batch_size`` on a GPU, 2 on a CPU (a B7 batch of 32 takes minutes)."""
+    """Time one model of ``runs`` (or, random-init, of ``config``) of a slice-wise kind, in
+    the run's precision, and scale to ``slices`` x folds x TTA views. Folds: ``folds``, else
+    the runs' count, else 5 for a config. The batch is the config's ``infer.batch_size`` on a
+    GPU, 2 on a CPU (a B7 batch of 32 takes minutes)."""
     import torch
 
-    from gitract.models.checkpoint import find_checkpoints, load_checkpoint
-    from gitract.models.predict2d import Ensemble
-    from gitract.models.smp2d import load_model_from_checkpoint
+    from gitract.models.checkpoint import find_checkpoints, run_config_of
+    from gitract.models.kind2d import Ensemble
+    from gitract.models.kinds import kind_of
 
     if slices < 1 or batches < 1:
         raise GitractError(f"--slices and --batches must be >= 1, got {slices}, {batches}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if runs is not None:
         paths = find_checkpoints(runs)
-        model, cfg = load_model_from_checkpoint(load_checkpoint(paths[0]), source=str(paths[0]))
+        models, cfg, precision = kind_of(run_config_of(paths[0])).load_folds(paths[:1], device)
         n_folds = folds or len(paths)
     elif config is not None:
         cfg = load_config(config)
-        model = _random_init_2d(cfg)
+        kind = kind_of(cfg)
+        precision = kind.precision(cfg, device, training=False)
+        models = [precision.to_model(kind.build(cfg, pretrained=False)).eval()]
         n_folds = folds or 5
     else:
         raise GitractError("estimate: give --runs (trained folds) or --config")
-    model = model.to(device).eval()
     on_cuda = device.type == "cuda"
-    channels_last = on_cuda and cfg.train.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ensemble = Ensemble([model], [cfg], device, (), on_cuda and cfg.train.amp, channels_last)
+    ensemble = Ensemble(models, [cfg], device, (), precision)
     batch = batch_size or (cfg.infer.batch_size if on_cuda else 2)
     speed = measure_throughput(ensemble, batch, batches)
     name = f"{cfg.model.arch}/{cfg.model.encoder_name}"
@@ -180,6 +168,7 @@ class MemberEstimate:
     views: int
     gflops_per_pass: float
     weight: float = 1.0
+    unit: str = "slices"  # what one pass covers: slices, or (3D) sliding-window tiles
 
     @property
     def forward_passes(self) -> int:
@@ -188,20 +177,6 @@ class MemberEstimate:
     @property
     def flops(self) -> float:
         return self.forward_passes * self.gflops_per_pass * 1e9
-
-
-def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
-    """Windows MONAI's ``sliding_window_inference`` runs over a volume of ``shape``: per axis,
-    a stride of ``int(patch * (1 - overlap))`` (at least 1; the whole patch where the axis
-    equals it) and as many windows as it takes for the last to reach the end (one where the
-    axis is no longer than the patch: the volume is padded)."""
-    tiles = 1
-    for size, roi in zip(shape, patch, strict=True):
-        if size <= roi:
-            continue
-        stride = max(int(roi * (1 - overlap)), 1)
-        tiles *= math.ceil((size - roi) / stride) + 1
-    return tiles
 
 
 def count_flops(model, input_shape: tuple[int, ...]) -> float:
@@ -227,6 +202,7 @@ def estimate_blend(
     from the config of its first checkpoint (random-init network of that config: no weights
     loaded). Folds: ``folds``, else the run's count. TTA views: the run's ``infer.tta_flips``."""
     from gitract.models.checkpoint import find_checkpoints, run_config_of
+    from gitract.models.kinds import kind_of
 
     if slices < 1 or case_days < 1:
         raise GitractError(f"--slices and --case-days must be >= 1, got {slices}, {case_days}")
@@ -235,27 +211,15 @@ def estimate_blend(
         paths = find_checkpoints(member.run)
         cfg = run_config_of(paths[0])
         views = 1 + len(cfg.infer.tta_flips)
-        kind = cfg.model.kind
-        if kind == "3d":
-            from gitract.models.monai3d import build_model3d
-
-            model = build_model3d(cfg.model)
-            patch = tuple(int(s) for s in cfg.data.patch_size)
-            depth = math.ceil(slices / case_days)
-            grid = (depth, int(cfg.data.grid_hw[0]), int(cfg.data.grid_hw[1]))
-            passes = case_days * sliding_window_tiles(grid, patch, cfg.infer.sw_overlap)
-            shape, name = (1, 1, *patch), f"{cfg.model.arch} {cfg.model.init_filters} filters"
-        else:
-            model = _random_init_2d(cfg)
-            shape = (1, cfg.data.in_channels, *(int(s) for s in cfg.data.img_size))
-            passes, name = slices, f"{cfg.model.arch}/{cfg.model.encoder_name}"
-        gflops = count_flops(model, shape) / 1e9
-        n_folds = folds or len(paths)
+        kind = kind_of(cfg)
+        plan = kind.forward_plan(cfg, slices, case_days)
+        gflops = count_flops(kind.build(cfg, pretrained=False).eval(), plan.input_shape) / 1e9
         out.append(
             MemberEstimate(
-                member.run.name, kind, name, shape, passes, n_folds, views, gflops, member.weight
+                member.run.name, kind.name, plan.label, plan.input_shape, plan.passes,
+                folds or len(paths), views, gflops, member.weight, plan.unit,
             )
-        )
+        )  # fmt: skip
     return out
 
 
@@ -278,10 +242,9 @@ def format_blend_estimate(
     for est in estimates:
         seconds = est.flops / (tflops[est.kind] * 1e12)
         total += seconds
-        unit = "slices" if est.kind != "3d" else "tiles"
         lines.append(
             f"  {est.name} ({est.kind}, {est.model}, input {'x'.join(map(str, est.input_shape))}"
-            f", weight {est.weight:g}): {est.passes_per_view} {unit} x {est.folds} folds x "
+            f", weight {est.weight:g}): {est.passes_per_view} {est.unit} x {est.folds} folds x "
             f"{est.views} views = {est.forward_passes} passes x {est.gflops_per_pass:.1f} GFLOPs"
             f" = {est.flops / 1e15:.2f} PFLOPs -> {seconds:.0f} s = {seconds / 3600:.2f} h"
         )

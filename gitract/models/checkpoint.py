@@ -9,17 +9,25 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from gitract.atomic import atomic_path, remove_stale_temps
 from gitract.config import Config, config_from_dict, load_config
 from gitract.errors import CheckpointError
 
-__all__ = ["find_checkpoints", "load_checkpoint", "run_config_of", "save_checkpoint"]
+__all__ = [
+    "find_checkpoints",
+    "load_checkpoint",
+    "run_config_of",
+    "save_checkpoint",
+    "state_mismatch",
+    "strip_prefix",
+]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -105,3 +113,34 @@ def run_config_of(checkpoint: Path) -> Config:
     return config_from_dict(
         load_checkpoint(checkpoint)["config"], source=f"checkpoint {checkpoint}"
     )
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the key prefix that torch.compile ('_orig_mod.') or DataParallel ('module.') adds."""
+    state = dict(state)
+    for prefix in ("_orig_mod.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def state_mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """None if ``state`` fits ``module`` exactly, else 'N missing, M unexpected keys, e.g. ...'."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    msg = f"{len(missing)} missing, {len(unexpected)} unexpected keys"
+    if shapes:
+        msg += f", {len(shapes)} of another shape"
+    examples = []
+    if missing:
+        examples.append(f"missing '{missing[0]}'")
+    if unexpected:
+        examples.append(f"unexpected '{unexpected[0]}'")
+    if shapes:
+        k = shapes[0]
+        examples.append(f"'{k}' is {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
+    return f"{msg}, e.g. {'; '.join(examples)}"

@@ -1,13 +1,9 @@
-"""Build the segmentation network from the config, and rebuild it from a checkpoint.
+"""Build the 2.5D segmentation network from the config.
 
 ``build_model`` is a thin layer over ``segmentation_models_pytorch.create_model`` (any smp
 architecture, any smp or ``tu-`` timm encoder) that adds what a Kaggle kernel needs: weights from
 a local file (kernels have no internet), and a one-line ConfigError instead of a 25-second retry
 loop followed by a deep traceback when named weights cannot be downloaded.
-
-Checkpoints are plain dicts (``{"model": state_dict, "config": config_to_dict(cfg), ...}``) that
-load with ``torch.load(..., weights_only=True)``: no pickled code is ever executed, and the
-config inside is enough to rebuild the network (the nanoGPT way).
 """
 
 from __future__ import annotations
@@ -30,16 +26,16 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 from torch import nn
 
-from gitract.config import Config, ModelConfig, config_from_dict
-from gitract.errors import CheckpointError, ConfigError
-from gitract.models.checkpoint import _first_line, _torch_load
+from gitract.config import ModelConfig
+from gitract.errors import ConfigError
+from gitract.models.checkpoint import _first_line, _torch_load, state_mismatch, strip_prefix
 
 __all__ = [
     "DroppedModule",
     "WEIGHT_SUFFIXES",
     "build_model",
     "drop_unused_modules",
-    "load_model_from_checkpoint",
+    "without_dropped",
 ]
 
 #: File suffixes taken as a local weights file in ``model.encoder_weights``.
@@ -194,37 +190,6 @@ def _read_state_dict(path: Path, what: str, error: type[Exception]) -> dict[str,
     return dict(state)
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the key prefix that torch.compile ('_orig_mod.') or DataParallel ('module.') adds."""
-    state = dict(state)
-    for prefix in ("_orig_mod.", "module."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
-    """None if ``state`` fits ``module`` exactly, else 'N missing, M unexpected keys, e.g. ...'."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if not (missing or unexpected or shapes):
-        return None
-    msg = f"{len(missing)} missing, {len(unexpected)} unexpected keys"
-    if shapes:
-        msg += f", {len(shapes)} of another shape"
-    examples = []
-    if missing:
-        examples.append(f"missing '{missing[0]}'")
-    if unexpected:
-        examples.append(f"unexpected '{unexpected[0]}'")
-    if shapes:
-        k = shapes[0]
-        examples.append(f"'{k}' is {tuple(state[k].shape)}, expected {tuple(own[k].shape)}")
-    return f"{msg}, e.g. {'; '.join(examples)}"
-
-
 def _adapt_first_conv(
     encoder: nn.Module, state: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -250,11 +215,9 @@ def _adapt_first_conv(
 def _load_encoder_file(model: nn.Module, path: Path, encoder_name: str) -> None:
     """Load a local encoder state dict into ``model.encoder`` strictly (ConfigError naming it)."""
     what = "model.encoder_weights"
-    state = _without_dropped(
-        model.encoder, _strip_prefix(_read_state_dict(path, what, ConfigError))
-    )
+    state = without_dropped(model.encoder, strip_prefix(_read_state_dict(path, what, ConfigError)))
     state = _adapt_first_conv(model.encoder, state)
-    problem = _mismatch(model.encoder, state)
+    problem = state_mismatch(model.encoder, state)
     if problem:
         raise ConfigError(f"{what} {path}: does not fit encoder '{encoder_name}': {problem}")
     model.encoder.load_state_dict(state, strict=True)
@@ -268,8 +231,7 @@ class DroppedModule(nn.Module):
 
     It has no parameters, so DistributedDataParallel (which, without the costly unused-parameter
     search, fails at the second step on a parameter that never gets a gradient) and the
-    optimizer only see what the network uses. Weights of the dropped module in an older
-    checkpoint are ignored on loading; calling it is a bug and raises.
+    optimizer only see what the network uses; calling it is a bug and raises.
     """
 
     def __init__(self, name: str) -> None:
@@ -278,9 +240,6 @@ class DroppedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"gitract dropped the encoder's unused module '{self.name}'")
-
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any):
-        """Accept and ignore whatever weights the module had (checkpoints from before)."""
 
     def extra_repr(self) -> str:
         return self.name
@@ -354,7 +313,7 @@ def drop_unused_modules(encoder: nn.Module, in_channels: int) -> list[str]:
     return [name for _, _, name, _ in drops]
 
 
-def _without_dropped(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict:
+def without_dropped(module: nn.Module, state: Mapping[str, torch.Tensor]) -> dict:
     """``state`` less the keys of ``module``'s dropped modules (older checkpoints and smp-hub
     encoder files still hold their weights)."""
     prefixes = tuple(
@@ -382,10 +341,6 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
     (:func:`drop_unused_modules`): DistributedDataParallel needs every parameter to get a
     gradient.
     """
-    if in_channels < 1 or classes < 1:
-        raise ConfigError(
-            f"model: in_channels and classes must be >= 1, got {in_channels}, {classes}"
-        )
     arch, encoder, weights = model_cfg.arch, model_cfg.encoder_name, model_cfg.encoder_weights
     _check_arch(arch)
     _check_encoder(encoder)
@@ -439,42 +394,3 @@ def build_model(model_cfg: ModelConfig, in_channels: int, classes: int = 3) -> n
         raise error from e
     drop_unused_modules(model.encoder, in_channels)
     return model
-
-
-def load_model_from_checkpoint(
-    ckpt: Mapping[str, Any], source: str | Path = "checkpoint"
-) -> tuple[nn.Module, Config]:
-    """Rebuild the network from ``ckpt["config"]`` and load ``ckpt["model"]`` strictly.
-
-    The encoder is built with ``encoder_weights=None`` (the checkpoint has all the weights, and
-    nothing is downloaded). The input channels are ``data.in_channels``; the output classes are
-    ``len(ckpt["classes"])`` when present, else 3. Returns the model in eval mode and the config.
-    ``source`` (usually the file's path) is what error messages name.
-    """
-    where = f"checkpoint {source}" if source != "checkpoint" else "checkpoint"
-    for key in ("config", "model"):
-        if key not in ckpt:
-            raise CheckpointError(f"{where}: no '{key}' entry (keys: {', '.join(map(str, ckpt))})")
-    try:
-        cfg = config_from_dict(ckpt["config"], source=f"{where} config")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-    state = ckpt["model"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{where}: 'model' is not a state dict")
-    classes = len(ckpt["classes"]) if isinstance(ckpt.get("classes"), (list, tuple)) else 3
-    model_cfg = cfg.model.model_copy(update={"encoder_weights": None})
-    try:
-        model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=classes)
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: {e}") from e
-    state = _without_dropped(model, _strip_prefix(state))
-    problem = _mismatch(model, state)
-    if problem:
-        raise CheckpointError(
-            f"{where}: weights do not match its config "
-            f"({cfg.model.arch}/{cfg.model.encoder_name}): {problem}"
-        )
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    return model, cfg

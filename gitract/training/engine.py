@@ -39,14 +39,12 @@ from gitract.config import Config, config_to_dict, save_config
 from gitract.data.cache import VolumeCache
 from gitract.data.folds import load_folds
 from gitract.data.layout import CLASSES, load_train_table, resolve_data_dir
-from gitract.data.patches import PatchDataset, case_day_ids, load_volume
-from gitract.data.slices import SliceDataset, build_train_transform
+from gitract.data.slices import SliceDataset
 from gitract.errors import DataError, TrainingError
 from gitract.models.checkpoint import load_checkpoint, save_checkpoint
+from gitract.models.kinds import kind_of
 from gitract.models.losses import build_loss
-from gitract.models.monai3d import build_model3d, check_patch_size
-from gitract.models.predict3d import predict_volume3d
-from gitract.models.smp2d import build_model
+from gitract.models.precision import Precision
 from gitract.scoring.metrics import SegMetricAccumulator, VolumeScoreAccumulator
 from gitract.training.distributed import (
     DistContext,
@@ -63,12 +61,19 @@ from gitract.training.plots import plot_curves
 from gitract.training.state import TrainState, capture_rng, check_resumable
 from gitract.training.validation import VolumeScorer, shard_case_days
 
-__all__ = ["Loop", "fit", "lr_at", "run_dir_for", "split_outputs", "train_one_epoch", "validate"]
+__all__ = [
+    "Loop",
+    "build_loop",
+    "fit",
+    "lr_at",
+    "run_dir_for",
+    "split_outputs",
+    "train_one_epoch",
+    "validate",
+]
 
 #: Optimizer steps between host reads of the running loss and the non-finite-step counters.
 SYNC_EVERY = 10
-#: 3D: random patches drawn from each training case-day per epoch.
-PATCHES_PER_VOLUME = 4
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -96,25 +101,11 @@ class Loop:
     net: nn.Module  # the network as called: DDP and/or torch.compile around TrainState.model
     loss_fn: nn.Module
     schedule: Callable[[int], float]
+    precision: Precision
     progress: bool = True
 
-    @property
-    def on_cuda(self) -> bool:
-        return self.ctx.device.type == "cuda"
-
-    def autocast(self) -> torch.autocast:
-        """Mixed precision on CUDA only (CPU autocast is slower than fp32 on most CPUs)."""
-        dtype = torch.bfloat16 if self.cfg.train.amp_dtype == "bf16" else torch.float16
-        enabled = self.cfg.train.amp and self.on_cuda
-        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype, enabled=enabled)
-
     def to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        # channels_last is a 2D layout; 3D patches (N, 1, D, H, W) stay contiguous.
-        channels_last = (
-            self.cfg.train.channels_last and self.on_cuda and self.cfg.model.kind != "3d"
-        )
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        image = batch["image"].to(self.ctx.device, non_blocking=True, memory_format=memory_format)
+        image = self.precision.to_input(batch["image"])
         return image, batch["mask"].to(self.ctx.device, non_blocking=True)
 
 
@@ -231,7 +222,7 @@ def train_one_epoch(
         # DDP all-reduces gradients on the micro-batch that ends a step, not on the others.
         no_sync = ctx.enabled and not ends_step
         with loop.net.no_sync() if no_sync else contextlib.nullcontext():
-            with loop.autocast():
+            with loop.precision.autocast():
                 logits, presence = split_outputs(loop.net(image))
             loss = loop.loss_fn(logits.float(), mask)
             if presence is not None:
@@ -290,7 +281,7 @@ def validate(
     presence_hits = torch.zeros(2, dtype=torch.float64, device=loop.ctx.device)  # [right, all]
     for batch in tqdm(loader, desc="validate", leave=False, disable=not loop.progress):
         image, mask = loop.to_device(batch)
-        with loop.autocast():
+        with loop.precision.autocast():
             logits, presence = split_outputs(net(image))
         logits = logits.float()
         if presence is not None:
@@ -323,22 +314,21 @@ def validate(
 
 @torch.inference_mode()
 def validate_volumes(
-    loop: Loop, volumes: dict[str, list[str]], cache: VolumeCache, model: nn.Module
+    loop: Loop, table: pd.DataFrame, cache: VolumeCache, model: nn.Module
 ) -> dict[str, float]:
-    """A 3D model's validation: each case-day predicted whole, as at inference (sliding
-    windows, flip TTA, back to the native size); loss, per-slice Dice/IoU and the competition
-    score of the volumes, summed over ranks."""
+    """Validation of whole case-days (``table``: this rank's, sorted by case, day, slice), each
+    predicted by the kind's own predictor as at inference (a 3D model: sliding windows, flip
+    TTA, back to the native size); loss, per-slice Dice/IoU and the competition score of the
+    volumes, summed over ranks."""
     cfg = loop.cfg
     model.eval()
     acc = SegMetricAccumulator(CLASSES, threshold=cfg.train.threshold)
     scorer = VolumeScoreAccumulator(cfg.train.select_metric)
     loss_sum, n_seen = 0.0, 0
-    amp = cfg.train.amp and loop.on_cuda
-    for ids in tqdm(volumes.values(), desc="validate", leave=False, disable=not loop.progress):
-        image, _ = load_volume(cache, ids, cfg.data.grid_hw, with_mask=False)
-        info, _ = cache.locate(ids[0])
-        native = (info.height, info.width)
-        probs = predict_volume3d([model], image, native, cfg.data, cfg.infer, loop.ctx.device, amp)
+    days = kind_of(cfg).predictor([model], cfg, loop.precision).days(table, cache)
+    n_days = table["case_day"].nunique()
+    for day in tqdm(days, total=n_days, desc="validate", leave=False, disable=not loop.progress):
+        ids, probs = day.ids, day.probs
         truth = np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]).astype(np.float32)
         p, t = torch.from_numpy(probs), torch.from_numpy(truth)
         logits = torch.logit(p.clamp(1e-6, 1 - 1e-6))  # the loss takes logits
@@ -399,7 +389,7 @@ class _Data:
     sampler: DistributedSampler
     val_loader: DataLoader | None
     scorer: VolumeScorer | None
-    val_volumes: dict[str, list[str]] | None  # 3D: this rank's validation case-days
+    val_volumes: pd.DataFrame | None  # whole case-days validated (this rank's), else None
     cache: VolumeCache
     n_train: int
     n_val: int
@@ -409,13 +399,9 @@ def _data(
     cfg: Config, train_df: pd.DataFrame, val_df: pd.DataFrame, cache: VolumeCache,
     ctx: DistContext,
 ) -> _Data:  # fmt: skip
-    if cfg.model.kind == "3d":
-        train_ds = PatchDataset(train_df, cache, cfg.data, PATCHES_PER_VOLUME, train=True,
-                                hflip=cfg.train.aug_hflip, vflip=cfg.train.aug_vflip)  # fmt: skip
-    else:
-        if cfg.data.train_slices == "positive":  # only slices where some organ is drawn
-            train_df = train_df[(train_df[list(CLASSES)] != "").any(axis=1)]
-        train_ds = SliceDataset(train_df, cache, cfg.data, build_train_transform(cfg.train))
+    kind = kind_of(cfg)
+    train_df = kind.train_table(cfg, train_df)
+    train_ds = kind.train_dataset(cfg, train_df, cache)
     train_ds.transform.set_random_seed(cfg.train.seed + ctx.rank)
     # DistributedSampler with an explicit rank also serves the single-process case: it gives
     # a reproducible shuffle per epoch (set_epoch), which is what resuming relies on.
@@ -435,9 +421,9 @@ def _data(
         train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last, **common
     )
     val_loader, scorer, volumes = None, None, None
-    if len(val_df) and cfg.model.kind == "3d":
-        # Whole case-days, one at a time, predicted like at inference (sliding windows).
-        volumes = case_day_ids(shard_case_days(val_df, ctx.rank, ctx.world_size))
+    if len(val_df) and not kind.slice_wise:
+        # Whole case-days, one at a time, predicted like at inference.
+        volumes = shard_case_days(val_df, ctx.rank, ctx.world_size)
     elif len(val_df):
         # Each rank takes whole case-days, so each volume is scored where all its slices are;
         # the summed metrics count every validation slice exactly once.
@@ -506,6 +492,32 @@ def fit(
         cleanup_distributed(ctx)
 
 
+def build_loop(
+    cfg: Config, ctx: DistContext, steps_per_epoch: int, *, pretrained: bool = True,
+    progress: bool = True,
+) -> tuple[Loop, TrainState]:  # fmt: skip
+    """A run's loop and fresh state, as :func:`fit` trains them and ``scripts/gpu_check.py``
+    times them: the kind's network in the run's precision, fused AdamW, the loss scaler, the
+    EMA, the schedule over ``steps_per_epoch`` optimizer steps an epoch, DDP/compile.
+    ``pretrained=False`` fetches no encoder weights (a resume loads them all from last.pt)."""
+    kind = kind_of(cfg)
+    precision = kind.precision(cfg, ctx.device)
+    model = precision.to_model(kind.build(cfg, pretrained))
+    ema = None
+    if cfg.train.ema_decay is not None:
+        # Built on the bare model before DDP wraps it; every rank averages the same weights.
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
+    state = TrainState(model, _optimizer(model, cfg, ctx.device), precision.scaler(), ema)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(steps_per_epoch * cfg.train.warmup_epochs)
+
+    def schedule(step: int) -> float:
+        return lr_at(step, total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr)
+
+    net = _wrap(model, cfg, ctx)
+    return Loop(cfg, ctx, net, build_loss(cfg.train), schedule, precision, progress), state
+
+
 def _fit(
     cfg: Config, fold: int, run_dir: Path, split: tuple[pd.DataFrame, pd.DataFrame, VolumeCache],
     resume: bool, progress: bool, ctx: DistContext,
@@ -520,32 +532,10 @@ def _fit(
     ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
     if ckpt is not None:
         check_resumable(ckpt["config"], cfg, last_path)
-    # Resuming loads every weight from last.pt: no need to fetch pretrained encoder weights.
-    model_cfg = cfg.model.model_copy(update={"encoder_weights": None}) if ckpt else cfg.model
-    if cfg.model.kind == "3d":
-        check_patch_size(cfg.model, cfg.data.patch_size)
-        model = build_model3d(cfg.model, classes=len(CLASSES))
-    else:
-        model = build_model(model_cfg, in_channels=cfg.data.in_channels, classes=len(CLASSES))
-    model = model.to(ctx.device)
-    if cfg.train.channels_last and ctx.device.type == "cuda" and cfg.model.kind != "3d":
-        model = model.to(memory_format=torch.channels_last)
-    fp16 = cfg.train.amp and cfg.train.amp_dtype == "fp16" and ctx.device.type == "cuda"
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=fp16)
-    ema = None
-    if cfg.train.ema_decay is not None:
-        # Built on the bare model before DDP wraps it; every rank averages the same weights.
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
-    state = TrainState(model, _optimizer(model, cfg, ctx.device), scaler, ema)
-
     steps_per_epoch = math.ceil(len(data.train_loader) / cfg.train.accumulate)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = int(steps_per_epoch * cfg.train.warmup_epochs)
+    loop, state = build_loop(cfg, ctx, steps_per_epoch, pretrained=ckpt is None, progress=progress)
 
-    def schedule(step: int) -> float:
-        return lr_at(step, total_steps, warmup_steps, cfg.train.lr, cfg.train.min_lr)
-
-    out = _RunFiles(run_dir, fold)
+    out = _RunFiles(run_dir, fold, loop.precision.record())
     if ckpt is not None:
         state.restore(ckpt, ctx.rank, ctx.world_size, cfg.train.seed)
         if (run_dir / "history.csv").exists():
@@ -558,7 +548,6 @@ def _fit(
     elif resume and ctx.is_main:
         print(f"nothing to resume in {run_dir}: starting from scratch")
 
-    loop = Loop(cfg, ctx, _wrap(model, cfg, ctx), build_loss(cfg.train), schedule, progress)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -582,6 +571,7 @@ class _RunFiles:
 
     run_dir: Path
     fold: int
+    precision: dict[str, Any]  # what ran (Precision.record), for the checkpoints' metadata
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None  # a SummaryWriter when tensorboard is installed
 
@@ -597,8 +587,9 @@ class _RunFiles:
             "val_score": float(row.get("val_score", float("nan"))),
             "select_by": cfg.train.select_by,
             "classes": list(CLASSES),
-            "in_channels": 1 if cfg.model.kind == "3d" else cfg.data.in_channels,
+            "in_channels": kind_of(cfg).in_channels(cfg),
             "kind": cfg.model.kind,
+            "precision": self.precision,
             "gitract_version": __version__,
             "torch_version": str(torch.__version__),  # a str subclass: not weights_only-safe
         }

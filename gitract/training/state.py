@@ -75,13 +75,12 @@ def capture_rng() -> dict[str, Any]:
     }
 
 
-def restore_rng(saved: Any, rank: int, world_size: int, reseed: int) -> str | None:
+def restore_rng(saved: list[dict[str, Any]], rank: int, world_size: int, reseed: int) -> str | None:
     """Restore rank ``rank``'s streams from a checkpoint's ``rng`` entry (one dict per rank).
 
-    A checkpoint of another world size (or an old one with a single dict) cannot give every
-    rank its own streams: those ranks are seeded afresh with ``reseed + rank`` (distinct per
-    rank) and a note saying so is returned."""
-    states = [] if saved is None else saved if isinstance(saved, list) else [saved]
+    A checkpoint of another world size cannot give every rank its own streams: those ranks are
+    seeded afresh with ``reseed + rank`` (distinct per rank) and a note saying so is returned."""
+    states = saved
     if len(states) != world_size:
         torch.manual_seed(reseed + rank)
         random.seed(reseed + rank)
@@ -164,9 +163,8 @@ class TrainState:
             self.notes.append("the checkpoint has no fp16 loss-scaler state: starting a fresh one")
         self.epoch = int(ckpt["epoch"])
         self.step = int(ckpt["scheduler"]["step"])
-        # Checkpoints before score selection kept only the best Dice; selection restarts then.
-        self.best = float(ckpt.get("best", -math.inf))
-        self.skipped_steps = int(ckpt.get("skipped_steps", 0))
-        note = restore_rng(ckpt.get("rng"), rank, world_size, reseed=seed + 1000 * self.epoch)
+        self.best = float(ckpt["best"])
+        self.skipped_steps = int(ckpt["skipped_steps"])
+        note = restore_rng(ckpt["rng"], rank, world_size, reseed=seed + 1000 * self.epoch)
         if note:
             self.notes.append(note)
