@@ -58,3 +58,25 @@ def test_ema_follows_a_state_dict_loaded_into_the_model() -> None:
     ema.update(1)  # decay 0: the average becomes the model
     for key, value in model.state_dict().items():
         assert torch.equal(ema.module.state_dict()[key], value), key
+
+
+def test_a_skipped_step_leaves_the_average_as_it_was() -> None:
+    """A step skipped as non-finite may have run a forward that wrote NaN into BatchNorm's
+    running statistics: the average must not take them in."""
+    model = _net()
+    ema = ModelEma(model, decay=0.9)
+    model(torch.randn(4, 3, 8, 8))
+    ema.update(1, skipped=torch.tensor(0.0))
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    model[1].running_mean.fill_(float("nan"))
+    model[1].num_batches_tracked += 5
+    ema.update(2, skipped=torch.tensor(1.0))
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    model[1].running_mean.zero_()
+    ema.update(3, skipped=torch.tensor(0.0))  # a good step moves it again, as without a flag
+    reference = ModelEma(model, decay=0.9)
+    reference.module.load_state_dict(before)
+    reference.update(3)
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(value, reference.module.state_dict()[key]), key

@@ -34,6 +34,9 @@ class ModelEma:
         self._ema_floats = [e for e, _ in pairs if e.is_floating_point()]
         self._model_floats = [m for e, m in pairs if e.is_floating_point()]
         self._counters = [(e, m) for e, m in pairs if not e.is_floating_point()]
+        n_params = len(list(model.parameters()))  # _tensors lists the parameters first
+        self._float_buffers = [(e, m) for e, m in pairs[n_params:] if e.is_floating_point()]
+        self._n_float_params = len(self._ema_floats) - len(self._float_buffers)
 
     def decay_at(self, step: int) -> float:
         """The decay after ``step`` optimizer steps: 0 at the first (the EMA starts as the
@@ -44,13 +47,30 @@ class ModelEma:
         return min(1 - (1 + t) ** -WARMUP_POWER, self.decay)
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, skipped: torch.Tensor | None = None) -> None:
         """Move the average towards the model's current weights (``step``: optimizer steps
-        taken so far, the one just taken included)."""
-        if self._ema_floats:
-            torch._foreach_lerp_(self._ema_floats, self._model_floats, 1.0 - self.decay_at(step))
+        taken so far, the one just taken included). ``skipped``: the device's 0/1 flag of a
+        step skipped as non-finite, whose forward may have left non-finite BatchNorm
+        statistics: the average then stays as it was, with no host sync to find out."""
+        weight = 1.0 - self.decay_at(step)
+        if skipped is None:
+            if self._ema_floats:
+                torch._foreach_lerp_(self._ema_floats, self._model_floats, weight)
+            for ema_value, model_value in self._counters:
+                ema_value.copy_(model_value)
+            return
+        # Skipped: the parameters did not move (weight 0 keeps the average), but the float
+        # buffers may hold NaN, and lerp(a, NaN, 0) is NaN: those are selected, not lerped.
+        kept = 1.0 - skipped.to(torch.float32)
+        n = self._n_float_params
+        if n:
+            weights = [kept * weight] * n  # one 0-d tensor, shared
+            torch._foreach_lerp_(self._ema_floats[:n], self._model_floats[:n], weights)
+        for ema_value, model_value in self._float_buffers:
+            moved = torch.lerp(ema_value, model_value, weight)
+            ema_value.copy_(torch.where(kept > 0, moved, ema_value))
         for ema_value, model_value in self._counters:
-            ema_value.copy_(model_value)
+            ema_value.copy_(torch.where(kept > 0, model_value, ema_value))
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -57,6 +56,7 @@ from gitract.training.distributed import (
     launch_env,
     resolve_num_workers,
 )
+from gitract.training.ema import ModelEma
 from gitract.training.plots import plot_curves
 from gitract.training.state import TrainState, capture_rng, check_resumable
 from gitract.training.validation import VolumeScorer, shard_case_days
@@ -74,6 +74,8 @@ __all__ = [
 
 #: Optimizer steps between host reads of the running loss and the non-finite-step counters.
 SYNC_EVERY = 10
+# Fused AdamW has a CPU kernel from torch 2.4 (the declared floor is 2.3).
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -141,12 +143,50 @@ def _optimizer_step(state: TrainState, bad: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _micro_batches(loader: DataLoader, accumulate: int) -> Iterator[tuple[dict, bool]]:
-    """``(batch, ends_step)``: every ``accumulate``-th batch, and the epoch's last, ends an
-    optimizer step."""
+def _micro_batches(loader: DataLoader, accumulate: int) -> Iterator[tuple[dict, bool, int]]:
+    """``(batch, ends_step, group)``: every ``accumulate``-th batch, and the epoch's last, ends
+    an optimizer step; ``group`` is the number of batches of this one's step (the epoch's last
+    step may have fewer than ``accumulate``: its gradient is their mean all the same)."""
     n = len(loader)
+    last_group = n % accumulate or accumulate
     for i, batch in enumerate(loader):
-        yield batch, (i + 1) % accumulate == 0 or i + 1 == n
+        group = accumulate if i < n - last_group else last_group
+        yield batch, (i + 1) % accumulate == 0 or i + 1 == n, group
+
+
+class _StatsGuard:
+    """Keeps BatchNorm statistics and the weights' moving average finite.
+
+    A NaN or inf in a forward pass (a bad input batch, an fp16 overflow) is written into the
+    BatchNorm running statistics before its step is skipped; train-mode losses stay finite
+    (they use batch statistics), so nothing else would notice until validation predicted
+    nothing. At each progress update (no extra per-step host sync) the float buffers of the
+    model and its EMA, and the EMA's weights, are checked on the device; finite ones are kept
+    as the last good copy (buffers only: a few MB), non-finite ones are put back from it."""
+
+    def __init__(self, state: TrainState) -> None:
+        models = [state.model] + ([state.ema.module] if state.ema is not None else [])
+        self.buffers = [b for m in models for b in m.buffers() if b.is_floating_point()]
+        ema_weights = [] if state.ema is None else list(state.ema.module.parameters())
+        self.watched = self.buffers + ema_weights
+        self.good = [b.clone() for b in self.buffers]
+        self.good_step = state.step
+
+    def flag(self) -> torch.Tensor:
+        """1.0 on the device when a watched tensor holds a NaN or inf, else 0.0."""
+        if not self.watched:
+            return torch.zeros(())
+        norms = torch.stack(torch._foreach_norm([t.float() for t in self.watched]))
+        return (~torch.isfinite(norms)).any().float()
+
+    def keep(self, step: int) -> None:
+        for good, buffer in zip(self.good, self.buffers, strict=True):
+            good.copy_(buffer)
+        self.good_step = step
+
+    def restore(self) -> None:
+        for good, buffer in zip(self.good, self.buffers, strict=True):
+            buffer.copy_(good)
 
 
 @dataclass
@@ -176,12 +216,32 @@ class _Tally:
         self.worst = torch.maximum(self.worst, self.run)
         self.skipped += bad
 
-    def report(self, loop: Loop, state: TrainState, bar: tqdm, epoch: int, lr: float) -> None:
-        """The loop's one host read: progress, newly skipped steps, and the stop rule. The
-        flags are equal on every rank, so every rank stops at the same step and none is left
-        waiting in a collective."""
+    def report(
+        self, loop: Loop, state: TrainState, guard: _StatsGuard, bar: tqdm, epoch: int, lr: float
+    ) -> None:
+        """The loop's one host read: progress, newly skipped steps, the statistics' guard and
+        the stop rule. The flags are equal on every rank, so every rank stops (or restores) at
+        the same step and none is left waiting in a collective."""
+        poisoned = all_reduce_max(guard.flag().to(self.worst.device), loop.ctx)
         loss_sum, n_good = self.sums.tolist()
-        longest, total = (int(v) for v in torch.stack([self.worst, self.skipped]).tolist())
+        flags = torch.stack([self.worst, self.skipped, poisoned]).tolist()
+        longest, total, bad_stats = (int(v) for v in flags)
+        if bad_stats:
+            guard.restore()
+            if int(guard.flag().item()):
+                raise TrainingError(
+                    f"epoch {epoch}, by global step {state.step}: the weights' moving average "
+                    "is not finite and cannot be put back; resume from last.pt with a lower "
+                    "train.lr, train.grad_clip, or train.amp=false"
+                )
+            if loop.ctx.is_main:
+                tqdm.write(
+                    f"epoch {epoch}: non-finite BatchNorm statistics by global step "
+                    f"{state.step} (a non-finite input batch, or an overflow in a forward pass);"
+                    f" put back those of step {guard.good_step}"
+                )
+        else:
+            guard.keep(state.step)
         if total > self.reported:
             state.skipped_steps += total - self.reported
             if loop.ctx.is_main:
@@ -209,6 +269,7 @@ def train_one_epoch(
     cfg, ctx = loop.cfg.train, loop.ctx
     loop.net.train()
     tally = _Tally.zeros(ctx.device)
+    guard = _StatsGuard(state)
     step_bad = torch.zeros((), device=ctx.device)  # 1.0 once a micro-batch of the step is bad
     lr = loop.schedule(state.step)
     wait = 0.0
@@ -216,7 +277,7 @@ def train_one_epoch(
         total=len(loader), desc=f"epoch {epoch} train", leave=False, disable=not loop.progress
     )
     started = tick = time.perf_counter()
-    for batch, ends_step in _micro_batches(loader, cfg.accumulate):
+    for batch, ends_step, group in _micro_batches(loader, cfg.accumulate):
         wait += time.perf_counter() - tick
         image, mask = loop.to_device(batch)
         # DDP all-reduces gradients on the micro-batch that ends a step, not on the others.
@@ -229,7 +290,7 @@ def train_one_epoch(
                 target = _presence_target(mask)
                 aux = F.binary_cross_entropy_with_logits(presence.float(), target)
                 loss = loss + cfg.aux_weight * aux
-            state.scaler.scale(loss / cfg.accumulate).backward()
+            state.scaler.scale(loss / group).backward()
         step_bad = torch.maximum(step_bad, (~torch.isfinite(loss.detach())).float())
         tally.add_batch(loss.detach(), len(image))
         bar.update()
@@ -242,14 +303,14 @@ def train_one_epoch(
             step_bad = all_reduce_max(torch.maximum(step_bad, (~torch.isfinite(norm)).float()), ctx)
             _optimizer_step(state, step_bad)
             state.step += 1
-            if state.ema is not None:
-                state.ema.update(state.model, step=state.step)
+            if state.ema is not None:  # a skipped step leaves the average as it was
+                state.ema.update(state.step, skipped=step_bad)
             tally.end_step(step_bad)
             step_bad = torch.zeros_like(step_bad)
             if state.step % SYNC_EVERY == 0:
-                tally.report(loop, state, bar, epoch, lr)
+                tally.report(loop, state, guard, bar, epoch, lr)
         tick = time.perf_counter()
-    tally.report(loop, state, bar, epoch, lr)
+    tally.report(loop, state, guard, bar, epoch, lr)
     bar.close()
     elapsed = time.perf_counter() - started
     loss_sum, n_good = all_reduce_sum(tally.sums.cpu(), ctx).tolist()
@@ -440,7 +501,7 @@ def _data(
 def _optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, fused where the device has the kernel: one launch per step, and it can skip a
     non-finite step on the device (see _optimizer_step)."""
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type == "cuda" or (device.type == "cpu" and TORCH_VERSION >= (2, 4))
     return torch.optim.AdamW(
         model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused
     )
@@ -506,7 +567,7 @@ def build_loop(
     ema = None
     if cfg.train.ema_decay is not None:
         # Built on the bare model before DDP wraps it; every rank averages the same weights.
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
+        ema = ModelEma(model, cfg.train.ema_decay)
     state = TrainState(model, _optimizer(model, cfg, ctx.device), precision.scaler(), ema)
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(steps_per_epoch * cfg.train.warmup_epochs)
@@ -624,11 +685,19 @@ def _epoch(loop: Loop, state: TrainState, data: _Data, epoch: int, out: _RunFile
     row["seconds"] = time.perf_counter() - started
     out.history.append(row)
     key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
-    value = row.get(key, float("nan"))
-    # With no validation set (fold -1) the latest weights are the best we know.
-    improved = math.isnan(value) or value > state.best
-    if improved and not math.isnan(value):
-        state.best = value
+    if data.val_loader is None and data.val_volumes is None:
+        improved = True  # no validation set (fold -1): the latest weights are the best we know
+    else:
+        value = float(row[key])
+        if not math.isfinite(value) or not math.isfinite(row["val_loss"]):
+            raise TrainingError(
+                f"epoch {epoch}: validation gave {key} {value:g}, val_loss "
+                f"{row['val_loss']:g} (non-finite weights or statistics); best.pt is kept as "
+                "it was; try a lower train.lr, train.grad_clip, or train.amp=false"
+            )
+        improved = value > state.best
+        if improved:
+            state.best = value
     state.epoch = epoch
     rng = all_gather_objects(capture_rng(), loop.ctx)  # every rank's own streams
     if loop.ctx.is_main:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from gitract.config import Config, config_from_dict, config_to_dict
 from gitract.errors import CheckpointError
+from gitract.training.ema import ModelEma
 
 __all__ = ["RESUME_FREE_KEYS", "TrainState", "capture_rng", "check_resumable", "restore_rng"]
 
@@ -68,9 +68,11 @@ def check_resumable(saved: dict[str, Any], cfg: Config, source: Path) -> None:
 def capture_rng() -> dict[str, Any]:
     """This process's random streams (torch CPU and CUDA, Python). Augmentations draw from
     generators seeded from these, so each rank must get its own back on resume."""
+    # The current device's CUDA stream only: the one this rank draws from. Every visible
+    # device's would not restore where fewer devices are visible (CUDA_VISIBLE_DEVICES=3).
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "python": random.getstate(),
     }
 
@@ -90,8 +92,8 @@ def restore_rng(saved: list[dict[str, Any]], rank: int, world_size: int, reseed:
         )
     state = states[rank]
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # the saving rank's device's stream
+        torch.cuda.set_rng_state(state["cuda"][0])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     return None
@@ -104,7 +106,7 @@ class TrainState:
     model: nn.Module  # the bare network, never its DDP or torch.compile wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    ema: ModelEmaV3 | None = None  # moving average of the weights (train.ema_decay)
+    ema: ModelEma | None = None  # moving average of the weights (train.ema_decay)
     epoch: int = 0  # last finished epoch
     step: int = 0  # optimizer steps taken: the learning-rate schedule's position
     best: float = -math.inf  # best value of the selection metric (train.select_by)
