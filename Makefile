@@ -36,7 +36,7 @@ folds: setup
 EVAL_TEST := --labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --metric all
 demo: data folds
 	rm -f $(DEMO_RUNS)/postprocess.json $(DEMO_RUNS)/postprocess_mlebench.json
-	$(PY) scripts/train.py --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV)
+	$(PY) scripts/train.py --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV) --fresh
 	@echo "== out-of-fold score of fold 0 (its validation cases), untuned post-processing"
 	$(PY) scripts/infer.py --oof --fold 0 $(DEMO_ARGS) --folds-csv $(FOLDS_CSV) --no-progress
 	$(PY) scripts/evaluate.py --submission $(DEMO_RUNS)/oof.csv --data-dir $(DATA_DIR) --metric all
@@ -73,9 +73,9 @@ TUNE_ARGS  := --tune --data-dir $(DATA_DIR) --metric kaggle --no-progress
 demo-ensemble: data folds
 	rm -f $(AUX_RUNS)/postprocess.json $(RUNS_3D)/postprocess.json $(BLEND_DIR)/postprocess.json
 	$(PY) scripts/train.py --fold 0 --config configs/demo_cpu.yaml --data-dir $(DATA_DIR) \
-		--folds-csv $(FOLDS_CSV) --no-progress --set name=demo_cpu_aux model.aux_head=true
+		--folds-csv $(FOLDS_CSV) --no-progress --fresh --set name=demo_cpu_aux model.aux_head=true
 	$(PY) scripts/train.py --fold 0 --config configs/demo_cpu_3d.yaml --data-dir $(DATA_DIR) \
-		--folds-csv $(FOLDS_CSV) --no-progress
+		--folds-csv $(FOLDS_CSV) --no-progress --fresh
 	@for run in $(AUX_RUNS) $(RUNS_3D); do \
 		echo "== $$run alone: OOF of fold 0, tuned (untuned / thresholds_only / full)"; \
 		$(PY) scripts/infer.py $(OOF_ARGS) --runs $$run || exit 1; \

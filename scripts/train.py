@@ -23,6 +23,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", help="runs folder (default: the config's train.out_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from last.pt")
     parser.add_argument(
+        "--fresh", action="store_true", help="replace a trained model in the run folder"
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         nargs="+",
@@ -46,6 +49,7 @@ def main() -> None:
         out_dir=args.out_dir,
         resume=args.resume,
         progress=not args.no_progress,
+        fresh=args.fresh,
     )
     print(f"run folder: {run_dir}")
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from gitract.atomic import atomic_path, remove_stale_temps, write_text_atomic
 from gitract.data.layout import CLASSES, read_slice, slice_mask
-from gitract.errors import DataError, RLEError
 from gitract.data.rle import rle_decode_many
+from gitract.errors import DataError, RLEError
 
 __all__ = ["VolumeCache", "VolumeInfo", "default_cache_dir", "unpack_mask"]
 
@@ -117,8 +117,9 @@ def _array_offset(path: Path, shape: tuple[int, ...], dtype: type) -> int:
         raise _Damaged(f"{path.name} unreadable ({str(err).splitlines()[0]})") from None
     if array.shape != shape or array.dtype != dtype:
         raise _Damaged(f"{path.name} holds {array.dtype} {array.shape}, not {shape}")
-    if path.stat().st_size != array.offset + array.nbytes:
-        raise _Damaged(f"{path.name} is {path.stat().st_size} bytes, not {array.offset + array.nbytes}")
+    size, expected = path.stat().st_size, array.offset + array.nbytes
+    if size != expected:
+        raise _Damaged(f"{path.name} is {size} bytes, not {expected}")
     return int(array.offset)
 
 

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from gitract.errors import DataError, RLEError
 from gitract.data.rle import bad_rle_rows, rle_decode, rle_tokens
+from gitract.errors import DataError, RLEError
 
 __all__ = [
     "CLASSES",

@@ -9,9 +9,9 @@ organs at similar pixel scales; :func:`gitract.models.kind3d.predict_volume3d` r
 Training patches are cut from the case-days resampled once to the grid
 (:class:`~gitract.data.grid.GridVolumes`, on disk beside the volume cache): an item reads only
 its own voxels, nothing is held in RAM between items and the dataset pickles to DataLoader
-workers as metadata. With ``fg_fraction`` of the patches centred on an organ voxel, the network sees the
-organs more often than uniform positions (about half of a volume's slices show no organ) would
-give it.
+workers as metadata. With ``fg_fraction`` of the patches centred on an organ voxel, the
+network sees the organs more often than uniform positions (about half of a volume's slices
+show no organ) would give it.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def load_volume(
     image = np.empty((len(ids), *grid_hw), dtype=np.float32)
     mask = np.empty((len(CLASSES), len(ids), *grid_hw), dtype=np.float32) if with_mask else None
     for z, slice_id in enumerate(ids):
-        image[z] = resize_plane(cache.image_stack(slice_id, [0])[..., 0], grid_hw, nearest=False)
+        plane = cache.image_stack(slice_id, [0])[..., 0]
+        image[z] = resize_plane(plane, grid_hw, nearest=False)
         if mask is not None:
-            mask[:, z] = resize_plane(cache.mask(slice_id), grid_hw, nearest=True).transpose(2, 0, 1)
+            flags = resize_plane(cache.mask(slice_id), grid_hw, nearest=True)
+            mask[:, z] = flags.transpose(2, 0, 1)
     return image, mask
 
 

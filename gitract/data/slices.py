@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from gitract.config import DataConfig, TrainConfig
-from gitract.data.geometry import Letterbox
 from gitract.data.cache import VolumeCache
+from gitract.data.geometry import Letterbox
 
 __all__ = [
     "IntensityJitter",

@@ -35,8 +35,8 @@ from scipy.interpolate import CubicSpline
 
 from gitract.atomic import write_text_atomic
 from gitract.data.layout import CLASSES, DEFAULT_EXCLUDE
-from gitract.errors import ConfigError, DataError
 from gitract.data.rle import rle_encode
+from gitract.errors import ConfigError, DataError
 
 __all__ = [
     "DEFAULT_CASES",

@@ -165,9 +165,21 @@ class ModelKind(ABC):
         :attr:`input_keys`."""
         if not paths:
             raise CheckpointError("no checkpoints to ensemble")
+        ckpts = [load_checkpoint(path) for path in paths]
+        # Every fold's kind, from its own metadata, before any network is built (a B7 takes a
+        # minute to build only to find that its weights belong to a 3D network).
+        kinds = [_kind_in(ckpt) for ckpt in ckpts]
+        for path, kind in zip(paths, kinds, strict=True):
+            if kind is not None and kind != self.name:
+                others = sorted({k for k in kinds if k is not None} - {kind})
+                run = f"this run's {paths[0].parent.name} is {self.name}"
+                mixed = f"; the run folder mixes kinds ({', '.join([kind, *others])})"
+                raise CheckpointError(
+                    f"{path} is a {kind} checkpoint; {run}" + (mixed if others else "")
+                )
         models, configs = [], []
-        for path in paths:
-            model, cfg = self.load(load_checkpoint(path), source=str(path))
+        for path, ckpt in zip(paths, ckpts, strict=True):
+            model, cfg = self.load(ckpt, source=str(path))
             models.append(model)
             configs.append(cfg)
         first = {k: getattr(configs[0].data, k) for k in self.input_keys}
@@ -190,3 +202,13 @@ class ModelKind(ABC):
         flips and batch size."""
         models, cfg, precision = self.load_folds(paths, device)
         return self.predictor(models, cfg, precision, num_workers=num_workers)
+
+
+def _kind_in(ckpt: Mapping[str, Any]) -> str | None:
+    """A checkpoint's model kind, from its metadata (else its config's model section)."""
+    meta, config = ckpt.get("meta"), ckpt.get("config")
+    if isinstance(meta, Mapping) and isinstance(meta.get("kind"), str):
+        return meta["kind"]
+    model = config.get("model") if isinstance(config, Mapping) else None
+    kind = model.get("kind", "2.5d") if isinstance(model, Mapping) else None
+    return kind if isinstance(kind, str) else None

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, get_worker_info
 from tqdm.auto import tqdm
 
 from gitract import __version__
@@ -39,7 +39,7 @@ from gitract.data.cache import VolumeCache
 from gitract.data.folds import load_folds
 from gitract.data.layout import CLASSES, load_train_table, resolve_data_dir
 from gitract.data.slices import SliceDataset
-from gitract.errors import DataError, TrainingError
+from gitract.errors import CheckpointError, ConfigError, DataError, TrainingError
 from gitract.models.checkpoint import load_checkpoint, save_checkpoint
 from gitract.models.kinds import kind_of
 from gitract.models.losses import build_loss
@@ -58,6 +58,7 @@ from gitract.training.distributed import (
 )
 from gitract.training.ema import ModelEma
 from gitract.training.plots import plot_curves
+from gitract.training.sampling import SeededItems, SeededSampler
 from gitract.training.state import TrainState, capture_rng, check_resumable
 from gitract.training.validation import VolumeScorer, shard_case_days
 
@@ -447,7 +448,7 @@ def _build_cache(table: pd.DataFrame, cache_dir: str | None, progress: bool) -> 
 @dataclass
 class _Data:
     train_loader: DataLoader
-    sampler: DistributedSampler
+    sampler: SeededSampler
     val_loader: DataLoader | None
     scorer: VolumeScorer | None
     val_volumes: pd.DataFrame | None  # whole case-days validated (this rank's), else None
@@ -462,13 +463,11 @@ def _data(
 ) -> _Data:  # fmt: skip
     kind = kind_of(cfg)
     train_df = kind.train_table(cfg, train_df)
-    train_ds = kind.train_dataset(cfg, train_df, cache)
-    train_ds.transform.set_random_seed(cfg.train.seed + ctx.rank)
-    # DistributedSampler with an explicit rank also serves the single-process case: it gives
-    # a reproducible shuffle per epoch (set_epoch), which is what resuming relies on.
-    sampler = DistributedSampler(
-        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.train.seed
-    )
+    train_ds = SeededItems(kind.train_dataset(cfg, train_df, cache))
+    # A reproducible shuffle per epoch (set_epoch) and a seed per item (sampling.py): what an
+    # epoch draws does not depend on what came before, which is what resuming relies on. The
+    # same sampler serves the single-process case.
+    sampler = SeededSampler(train_ds, cfg.train.seed, ctx.rank, ctx.world_size)
     _, _, _, local_world = launch_env()
     workers = resolve_num_workers(cfg.data.num_workers, local_world)
     common = {
@@ -478,9 +477,13 @@ def _data(
         "worker_init_fn": _seed_worker,
     }
     drop_last = len(train_ds) // ctx.world_size > cfg.train.batch_size
+    # Its own generator: the workers' base seed is not drawn from the global torch stream,
+    # whose state last.pt restores for the network's own draws (dropout, drop-path).
+    loader_rng = torch.Generator().manual_seed(cfg.train.seed + ctx.rank)
     train_loader = DataLoader(
-        train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last, **common
-    )
+        train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last,
+        generator=loader_rng, **common,
+    )  # fmt: skip
     val_loader, scorer, volumes = None, None, None
     if len(val_df) and not kind.slice_wise:
         # Whole case-days, one at a time, predicted like at inference.
@@ -536,9 +539,13 @@ def fit(
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    fresh: bool = False,
 ) -> Path:
     """Train ``fold`` (validate on it, train on the others; ``-1``: train on everything) and
-    return the run folder."""
+    return the run folder. A folder that already holds a trained model is continued with
+    ``resume`` or replaced with ``fresh``; without either it is refused (:func:`check_run_dir`)."""
+    run_dir = run_dir_for(cfg, fold, out_dir)
+    check_run_dir(run_dir, resume, fresh)
     rank = launch_env()[0]
     data_dir = resolve_data_dir(data_dir, cfg.data.root)
     folds_csv = Path(folds_csv if folds_csv is not None else cfg.data.folds_csv)
@@ -547,10 +554,33 @@ def fit(
     cache = _build_cache(table, cfg.data.cache_dir, progress and rank == 0)
     ctx = init_distributed()
     try:
-        return _fit(cfg, fold, run_dir_for(cfg, fold, out_dir), (train_df, val_df, cache),
+        return _fit(cfg, fold, run_dir, (train_df, val_df, cache),
                     resume, progress and ctx.is_main, ctx)  # fmt: skip
     finally:
         cleanup_distributed(ctx)
+
+
+def check_run_dir(run_dir: Path, resume: bool, fresh: bool) -> None:
+    """No training overwrites a trained model unless asked. ``resume`` needs ``last.pt`` when
+    the folder holds ``best.pt`` or ``history.csv`` (retraining from scratch would replace
+    them after one epoch); without ``resume`` a folder with a model is refused unless
+    ``fresh``, which clears it first."""
+    if resume and fresh:
+        raise ConfigError("--resume continues a run, --fresh replaces it: give one of them")
+    done = [name for name in ("best.pt", "last.pt", "history.csv") if (run_dir / name).exists()]
+    if resume and done and "last.pt" not in done:
+        raise CheckpointError(
+            f"{run_dir / 'last.pt'}: not found, so --resume would train afresh and replace "
+            f"{' and '.join(done)}; copy last.pt back, or train afresh with --fresh"
+        )
+    if not resume and not fresh and {"best.pt", "last.pt"} & set(done):
+        raise CheckpointError(
+            f"{run_dir}: holds a trained model ({', '.join(done)}); continue it with --resume, "
+            "or replace it with --fresh"
+        )
+    if fresh and launch_env()[0] == 0:
+        for name in done:
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def build_loop(
