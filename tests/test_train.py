@@ -239,9 +239,9 @@ def test_torchrun_skips_a_nan_on_one_rank_on_every_rank(synthetic_set, tmp_path:
 
 @needs_torchrun
 def test_resumed_ranks_draw_different_augmentations(synthetic_set, tmp_path: Path) -> None:
-    """Every rank is fed the same slices (the probe's sampler), with a DataLoader worker whose
-    seed comes from the rank's torch stream: after a resume the first batches still differ,
-    because each rank got its own streams back (not rank 0's)."""
+    """Every rank is fed the same slices (the probe's sampler); each item's augmentations are
+    drawn from a seed of (train.seed, rank, epoch, position): after a resume the first batches
+    of the ranks still differ (not rank 0's streams everywhere)."""
     overrides = ("train.batch_size=4", "data.num_workers=1", "train.aug_hflip=0.5",
                  "train.aug_brightness=1.0")  # fmt: skip
     first = _torchrun(synthetic_set, tmp_path, "train.epochs=2", *overrides)

@@ -38,11 +38,16 @@ if nan_at := int(os.environ.get("GITRACT_PROBE_NAN_AT", "0")):
 
 if out := os.environ.get("GITRACT_PROBE_SAME_SAMPLES"):
 
-    class SameSamples(DistributedSampler):
-        def __init__(self, dataset, **kwargs) -> None:
-            super().__init__(dataset, **{**kwargs, "rank": 0})
+    class SameSamples(engine.SeededSampler):
+        """Rank 0's slices on every rank; each rank's own item seeds."""
 
-    engine.DistributedSampler = SameSamples
+        def __init__(self, dataset, seed, rank, world_size) -> None:
+            super().__init__(dataset, seed, rank, world_size)
+            self.inner = DistributedSampler(
+                dataset, num_replicas=world_size, rank=0, shuffle=True, seed=seed
+            )
+
+    engine.SeededSampler = SameSamples
     real_epoch = engine.train_one_epoch
 
     def train_one_epoch(loop, state, loader, epoch):
