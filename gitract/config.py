@@ -187,6 +187,7 @@ class TrainConfig(_Section):
     compile: bool = False  # torch.compile the network
     max_bad_steps: AtLeast1 = 20  # stop after this many consecutive non-finite steps
     select_by: Literal["score", "dice"] = "score"  # what best.pt follows
+    val_every: AtLeast1 = 1  # validate every N epochs, and after the last
     select_metric: Literal["kaggle", "mlebench"] = "kaggle"  # the score's profile
     aux_weight: NonNegative = 0.2  # weight of the aux head's BCE on slice presence
     # EMA of the weights (validation and best.pt use it); null: off

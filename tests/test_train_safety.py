@@ -183,3 +183,12 @@ def test_rng_state_of_the_current_cuda_device_only(monkeypatch) -> None:
     assert len(saved["cuda"]) == 1 and torch.equal(saved["cuda"][0], streams[5])
     assert state.restore_rng([saved], rank=0, world_size=1, reseed=0) is None
     assert len(restored) == 1 and torch.equal(restored[0], streams[5])
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(data, tmp_path) -> None:
+    data_dir, folds_csv = data
+    cfg = load_config(DEMO, [*GPU_RECIPE[:3], "train.epochs=3", "train.val_every=2"])
+    run = fit(cfg, 0, data_dir, folds_csv, tmp_path / "runs", progress=False)
+    history = pd.read_csv(run / "history.csv")
+    assert history["val_score"].isna().tolist() == [True, False, False]
+    assert torch.load(run / "best.pt", weights_only=True)["meta"]["epoch"] in (2, 3)

@@ -708,15 +708,20 @@ def _epoch(loop: Loop, state: TrainState, data: _Data, epoch: int, out: _RunFile
     data.sampler.set_epoch(epoch)
     row: dict[str, Any] = {"epoch": epoch}
     row.update(train_one_epoch(loop, state, data.train_loader, epoch))
-    if data.val_loader is not None:
+    train_cfg = loop.cfg.train
+    has_validation = data.val_loader is not None or data.val_volumes is not None
+    validating = has_validation and (epoch % train_cfg.val_every == 0 or epoch == train_cfg.epochs)
+    if validating and data.val_loader is not None:
         row.update(validate(loop, data.val_loader, data.scorer, state.eval_model))
-    elif data.val_volumes is not None:
+    elif validating:
         row.update(validate_volumes(loop, data.val_volumes, data.cache, state.eval_model))
     row["seconds"] = time.perf_counter() - started
     out.history.append(row)
     key = "val_score" if loop.cfg.train.select_by == "score" else "val_dice"
-    if data.val_loader is None and data.val_volumes is None:
+    if not has_validation:
         improved = True  # no validation set (fold -1): the latest weights are the best we know
+    elif not validating:
+        improved = False  # train.val_every: not this epoch
     else:
         value = float(row[key])
         if not math.isfinite(value) or not math.isfinite(row["val_loss"]):

@@ -37,6 +37,7 @@ RESUME_FREE_KEYS = frozenset(
         "data.cache_dir",
         "train.out_dir",
         "train.compile",
+        "train.val_every",
     }
 )
 
