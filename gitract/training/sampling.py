@@ -11,6 +11,7 @@ function of where it stands, whatever the number of workers and whatever came be
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,5 +55,12 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        self.dataset.transform.set_random_seed(seed)
+        transform = self.dataset.transform
+        if hasattr(transform, "set_random_state"):
+            # albumentations: one stream shared by all its transforms. Its set_random_seed
+            # would give each transform its own generator of the same seed, whose first draws
+            # are equal: every "apply with p" decision of an item would be the same one.
+            transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        else:
+            transform.set_random_seed(seed)
         return self.dataset[index]
