@@ -669,8 +669,9 @@ class _RunFiles:
     def write(
         self, cfg: Config, state: TrainState, improved: bool, row: dict[str, Any], rng: list
     ) -> None:
-        """The files after an epoch. best.pt is written before last.pt, so a run killed
-        between the two resumes from the previous epoch and simply redoes this one."""
+        """The files after an epoch. last.pt is written last: a run killed before it resumes
+        from the previous epoch and simply redoes this one (history.csv's extra row is
+        dropped on resume), and once last.pt names an epoch, best.pt and history.csv have it."""
         meta = {
             "fold": self.fold,
             "epoch": state.epoch,
@@ -689,7 +690,6 @@ class _RunFiles:
         if improved:  # the validated weights: the EMA's when there is one
             best = {"model": last.get("ema", last["model"]), "config": config, "meta": meta}
             save_checkpoint(best, self.run_dir / "best.pt")
-        save_checkpoint(last, self.run_dir / "last.pt")
         frame = pd.DataFrame(self.history)
         with atomic_path(self.run_dir / "history.csv") as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
@@ -700,6 +700,7 @@ class _RunFiles:
                 if name != "epoch" and isinstance(number, (int, float)):
                     self.writer.add_scalar(name, number, state.epoch)
             self.writer.flush()
+        save_checkpoint(last, self.run_dir / "last.pt")
 
 
 def _epoch(loop: Loop, state: TrainState, data: _Data, epoch: int, out: _RunFiles) -> None:
