@@ -34,6 +34,6 @@ def test_wheel_builds_without_deprecation_warnings_and_carries_the_license(tmp_p
     # Every module, and every subpackage a regular package (its __init__ says what is where).
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "gitract").rglob("*.py")}
     assert packed == sources
-    for folder in (ROOT / "gitract").rglob("*/"):
-        if folder.name != "__pycache__":
+    for folder in (ROOT / "gitract").rglob("*"):
+        if folder.is_dir() and folder.name != "__pycache__":
             assert (folder / "__init__.py").is_file(), folder

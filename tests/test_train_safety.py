@@ -41,18 +41,39 @@ def _finite(path: Path) -> bool:
     return all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
-def _nan_on_call(k: int, fn):
-    """``fn`` whose ``k``-th call (1-based) gets a NaN into its result."""
-    calls = {"n": 0}
+def _nan_loss_at(monkeypatch, k: int) -> None:
+    """The ``k``-th training loss (1-based) is NaN: its step must be skipped."""
+    build, calls = engine.build_loss, {"n": 0}
 
-    def wrapped(*args, **kwargs):
+    def poisoned_loss(train_cfg):
+        loss = build(train_cfg)
+        forward = loss.forward
+
+        def nan_at_k(*args, **kwargs):
+            calls["n"] += 1
+            out = forward(*args, **kwargs)
+            return out * float("nan") if calls["n"] == k else out
+
+        loss.forward = nan_at_k
+        return loss
+
+    monkeypatch.setattr(engine, "build_loss", poisoned_loss)
+
+
+def _nan_pixel_in_batch(monkeypatch, k: int) -> None:
+    """One NaN pixel in the ``k``-th training batch: its forward writes NaN into BatchNorm's
+    running statistics before the step is skipped."""
+    to_device, calls = Loop.to_device, {"n": 0}
+
+    def poisoned_batch(self, batch):
+        image, mask = to_device(self, batch)
         calls["n"] += 1
-        out = fn(*args, **kwargs)
-        if calls["n"] == k:
-            return out * float("nan") if isinstance(out, torch.Tensor) else out
-        return out
+        if calls["n"] == k and self.net.training:
+            image = image.clone()
+            image[0, 0, 0, 0] = float("nan")
+        return image, mask
 
-    return wrapped, calls
+    monkeypatch.setattr(Loop, "to_device", poisoned_batch)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -62,29 +83,10 @@ def test_the_gpu_recipe_survives_a_non_finite_batch(
 ):
     data_dir, folds_csv = data
     cfg = load_config(DEMO, [*GPU_RECIPE, f"train.amp_dtype={dtype}"])
-    if fault == "loss":  # the 5th micro-batch's loss is NaN: its step is skipped
-        build = engine.build_loss
-
-        def poisoned_loss(train_cfg):
-            loss = build(train_cfg)
-            forward, _ = _nan_on_call(5, loss.forward)
-            loss.forward = forward
-            return loss
-
-        monkeypatch.setattr(engine, "build_loss", poisoned_loss)
-    else:  # one NaN pixel in the 5th training batch: NaN BatchNorm statistics
-        to_device = Loop.to_device
-        calls = {"n": 0}
-
-        def poisoned_batch(self, batch):
-            image, mask = to_device(self, batch)
-            calls["n"] += 1
-            if calls["n"] == 5 and self.net.training:
-                image = image.clone()
-                image[0, 0, 0, 0] = float("nan")
-            return image, mask
-
-        monkeypatch.setattr(Loop, "to_device", poisoned_batch)
+    if fault == "loss":
+        _nan_loss_at(monkeypatch, 5)
+    else:
+        _nan_pixel_in_batch(monkeypatch, 5)
     run = fit(cfg, 0, data_dir, folds_csv, tmp_path / "runs", progress=False)
 
     out = capsys.readouterr().out
@@ -108,18 +110,7 @@ def test_without_the_guard_the_input_fault_would_poison_validation(data, tmp_pat
     NaN running statistics, validation (eval mode) predicts nothing (val_loss NaN) and, being
     non-finite, it is now an error instead of a silent "improvement"."""
     monkeypatch.setattr(engine._StatsGuard, "flag", lambda self: torch.zeros(()))
-    to_device = Loop.to_device
-    calls = {"n": 0}
-
-    def poisoned_batch(self, batch):
-        image, mask = to_device(self, batch)
-        calls["n"] += 1
-        if calls["n"] == 5 and self.net.training:
-            image = image.clone()
-            image[0, 0, 0, 0] = float("nan")
-        return image, mask
-
-    monkeypatch.setattr(Loop, "to_device", poisoned_batch)
+    _nan_pixel_in_batch(monkeypatch, 5)
     data_dir, folds_csv = data
     cfg = load_config(DEMO, [*GPU_RECIPE[:4], "train.epochs=1"])
     with pytest.raises(
