@@ -59,40 +59,59 @@ demo: data folds
 		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --out-dir $(DEMO_RUNS)/fold0
 	@echo "== training curves: $(DEMO_RUNS)/fold0/curves.png"
 
-# The winners' ensemble on the demo data (~10 minutes on 2 cores): a 2.5D model with its
-# classification head and a 3D model trained on fold 0, each scored alone (OOF tuned, test),
-# then their blend (0.8 x 2.5D + 0.2 x 3D: the CPU demo's 3D model is the weaker one) tuned
-# and scored the same way.
-AUX_RUNS   := runs/demo_cpu_aux
-RUNS_3D    := runs/demo_cpu_3d
-BLEND_DIR  := runs/blend_demo
-BLEND_ARGS := --runs $(AUX_RUNS) $(RUNS_3D) --weights 0.8 0.2 --blend-dir $(BLEND_DIR)
-OOF_ARGS   := --oof --fold 0 --folds-csv $(FOLDS_CSV) --data-dir $(DATA_DIR) --no-progress
-TUNE_ARGS  := --tune --data-dir $(DATA_DIR) --metric kaggle --no-progress
+# Blend selection on the demo data (~25 minutes on 2 cores): four candidate runs trained on
+# fold 0 (the demo's 2.5D model, the same with a classification head, the same with the
+# z-channel, and a 3D model), each predicted out of fold; evaluate.py --select then picks the
+# blend (greedy, with weights) and tunes it on that OOF evidence, per profile, and prints its
+# report; last, every member alone and each selected blend predict the test set and are scored
+# there. More folds make the per-fold report worth reading: ENSEMBLE_FOLDS="0 1 2 3 4".
+ENSEMBLE_FOLDS ?= 0
+CANDIDATES := runs/demo_cpu runs/demo_cpu_aux runs/demo_cpu_z runs/demo_cpu_3d
+SELECTED   := ensembles/demo_selected
+TRAIN_CPU  := --config configs/demo_cpu.yaml --data-dir $(DATA_DIR) --folds-csv $(FOLDS_CSV) \
+	--no-progress --fresh
 
 demo-ensemble: data folds
-	rm -f $(AUX_RUNS)/postprocess.json $(RUNS_3D)/postprocess.json $(BLEND_DIR)/postprocess.json
-	$(PY) scripts/train.py --fold 0 --config configs/demo_cpu.yaml --data-dir $(DATA_DIR) \
-		--folds-csv $(FOLDS_CSV) --no-progress --fresh --set name=demo_cpu_aux model.aux_head=true
-	$(PY) scripts/train.py --fold 0 --config configs/demo_cpu_3d.yaml --data-dir $(DATA_DIR) \
-		--folds-csv $(FOLDS_CSV) --no-progress --fresh
-	@for run in $(AUX_RUNS) $(RUNS_3D); do \
-		echo "== $$run alone: OOF of fold 0, tuned (untuned / thresholds_only / full)"; \
-		$(PY) scripts/infer.py $(OOF_ARGS) --runs $$run || exit 1; \
-		$(PY) scripts/evaluate.py $(TUNE_ARGS) --runs $$run || exit 1; \
-		echo "== $$run alone: test set, tuned"; \
-		$(PY) scripts/infer.py --runs $$run --data-dir $(DATA_DIR) --no-progress \
-			--out submissions/submission_$$(basename $$run).csv || exit 1; \
-		$(PY) scripts/evaluate.py --submission submissions/submission_$$(basename $$run).csv \
-			$(EVAL_TEST) || exit 1; \
+	rm -rf $(addsuffix /oof_probs,$(CANDIDATES))
+	@for fold in $(ENSEMBLE_FOLDS); do \
+		$(PY) scripts/train.py --fold $$fold $(TRAIN_CPU) || exit 1; \
+		$(PY) scripts/train.py --fold $$fold $(TRAIN_CPU) \
+			--set name=demo_cpu_aux model.aux_head=true || exit 1; \
+		$(PY) scripts/train.py --fold $$fold $(TRAIN_CPU) \
+			--set name=demo_cpu_z data.z_channel=true || exit 1; \
+		$(PY) scripts/train.py --fold $$fold --config configs/demo_cpu_3d.yaml \
+			--data-dir $(DATA_DIR) --folds-csv $(FOLDS_CSV) --no-progress --fresh || exit 1; \
 	done
-	@echo "== the blend: OOF of fold 0, tuned (untuned / thresholds_only / full)"
-	$(PY) scripts/infer.py $(OOF_ARGS) $(BLEND_ARGS)
-	$(PY) scripts/evaluate.py $(TUNE_ARGS) --runs $(BLEND_DIR)
-	@echo "== the blend: test set, tuned -> submissions/submission_blend.csv"
-	$(PY) scripts/infer.py $(BLEND_ARGS) --data-dir $(DATA_DIR) --no-progress \
-		--out submissions/submission_blend.csv
-	$(PY) scripts/evaluate.py --submission submissions/submission_blend.csv $(EVAL_TEST)
+	@for run in $(CANDIDATES); do \
+		for fold in $(ENSEMBLE_FOLDS); do \
+			$(PY) scripts/infer.py --oof --fold $$fold --runs $$run --folds-csv $(FOLDS_CSV) \
+				--data-dir $(DATA_DIR) --no-progress || exit 1; \
+		done; \
+	done
+	@echo "== blend selection on the OOF of folds $(ENSEMBLE_FOLDS), per profile (last line: report)"
+	$(PY) scripts/evaluate.py --select --runs $(CANDIDATES) --data-dir $(DATA_DIR) \
+		--folds-csv $(FOLDS_CSV) --metric all --out $(SELECTED).yaml --no-progress \
+		| tee runs/demo_selection.json
+	@echo "== test set: each run alone (tuned on its own OOF) and the selected blends"
+	@for run in $(CANDIDATES); do \
+		for profile in kaggle mlebench; do \
+			$(PY) scripts/evaluate.py --tune --runs $$run --data-dir $(DATA_DIR) \
+				--metric $$profile --out $$run/postprocess_$$profile.json --no-progress \
+				>/dev/null || exit 1; \
+			$(PY) scripts/infer.py --runs $$run --data-dir $(DATA_DIR) --no-progress \
+				--postprocess $$run/postprocess_$$profile.json \
+				--out submissions/submission_$$(basename $$run)_$$profile.csv >/dev/null || exit 1; \
+		done; \
+	done
+	@for profile in kaggle mlebench; do \
+		ensemble=$(SELECTED)$$( [ $$profile = kaggle ] || echo _$$profile ).yaml; \
+		$(PY) scripts/infer.py --ensemble $$ensemble --data-dir $(DATA_DIR) --no-progress \
+			--out submissions/submission_selected_$$profile.csv >/dev/null || exit 1; \
+	done
+	$(PY) scripts/compare_submissions.py --labels $(LABELS_DIR)/test_labels.csv \
+		--data-dir $(DATA_DIR) --selection runs/demo_selection.json \
+		$(foreach run,$(CANDIDATES),$(notdir $(run))=submissions/submission_$(notdir $(run))) \
+		selected=submissions/submission_selected
 
 # Offline Kaggle bundle: dist/kaggle-dataset (wheels + trained folds) and dist/kaggle-kernel.
 # Third-party wheels are downloaded once into dist/wheel-cache and reused.

@@ -18,6 +18,10 @@ Each result is a ratio, so it means the same on a slow or a busy machine:
 - tuning_seconds_real_scale: wall seconds of the default post-processing search
   (gitract.postprocess.tuning.tune_postprocess, kaggle profile, every CPU core) on synthetic OOF
   probabilities of the real data's size: 274 case-days of 144 or 80 slices, 266x266.
+- selection_seconds_real_scale: wall seconds of blend selection (evaluate.py --select's
+  gitract.postprocess.selection.select_blend: greedy search, then the full tuning of each run
+  alone, the equal blend and the selection, scored exactly, per fold) over 3 runs' synthetic
+  OOF probabilities of that size (compressed, as infer.py writes them), every CPU core.
 - memory_growth: peak RSS of a demo_cpu training epoch (scripts/train.py, fresh process) on
   4N slices / on N slices.
 - patch_loader_speedup: 3D training patches/s per core (default_3d.yaml's 256x256 grid and
@@ -72,6 +76,7 @@ from gitract.inference.submission import infer_test
 from gitract.models.checkpoint import find_checkpoints
 from gitract.models.kind2d import Ensemble
 from gitract.models.smp2d import build_model
+from gitract.postprocess.selection import select_blend
 from gitract.postprocess.steps import quantize
 from gitract.postprocess.tuning import tune_postprocess
 from gitract.scoring.metrics import hausdorff_3d
@@ -92,6 +97,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "memory_growth": ("<=", 1.3),
     "tuning_seconds_real_scale": ("<=", 600.0),
     "patch_loader_speedup": (">=", 3.0),
+    "selection_seconds_real_scale": ("<=", 900.0),
 }
 
 
@@ -444,13 +450,19 @@ def bench_metric(sizes: Sizes) -> dict[str, Any]:
     }
 
 
-def _tuning_set(sizes: Sizes, work: Path) -> pd.DataFrame:
+def _tuning_set(sizes: Sizes, work: Path, members: int = 1) -> pd.DataFrame:
     """OOF probability files (as infer.py --oof writes them) and the slice table holding the
     truth, for ``sizes.tuning_days`` case-days of 144 or 80 slices: per class an organ from
     _oof_volumes, probabilities high inside the predicted organ, a faint noise floor, and
-    what post-processing is for: weak stray slices and confident specks."""
-    folder = work / "oof_probs"
-    folder.mkdir(parents=True, exist_ok=True)
+    what post-processing is for: weak stray slices and confident specks. In ``oof_probs/``
+    (one run), or with ``members`` > 1 in ``run<k>/oof_probs/``: run 0 as above, each other run
+    its organs shifted by up to 2 voxels along each axis and its own specks (compressed, as
+    infer.py writes them)."""
+    folders = [work / "oof_probs"] if members == 1 else [
+        work / f"run{k}" / "oof_probs" for k in range(members)
+    ]  # fmt: skip
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     h, w = sizes.tuning_shape
     rows = []
@@ -474,8 +486,17 @@ def _tuning_set(sizes: Sizes, work: Path) -> pd.DataFrame:
             rng.random(probs.shape) < 0.002
         )
         ids = [f"{case_day}_slice_{z + 1:04d}" for z in range(depth)]
-        with open(folder / f"{case_day}.npz", "wb") as handle:
-            np.savez(handle, probs=quantize(probs), ids=np.asarray(ids))
+        quantised = quantize(probs)
+        for m, folder in enumerate(folders):
+            volume = quantised
+            if m:
+                volume = np.roll(quantised, tuple(rng.integers(-2, 3, 3)), axis=(0, 2, 3))
+                z, c = int(rng.integers(0, depth)), int(rng.integers(0, len(CLASSES)))
+                y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+                volume[z, c, y : y + 6, x : x + 6] = 230
+            save = np.savez if members == 1 else np.savez_compressed
+            with open(folder / f"{case_day}.npz", "wb") as handle:
+                save(handle, probs=volume, ids=np.asarray(ids))
         for z, id_ in enumerate(ids):
             row = {"id": id_, "height": h, "width": w}
             for c, name in enumerate(CLASSES):
@@ -497,6 +518,30 @@ def bench_tuning(sizes: Sizes, work: Path) -> dict[str, Any]:
         "tuning_slices": int(result["n_slices"]),
         "tuning_cores": _cores(),
         "tuning_scores": {k: round(v["score"], 5) for k, v in result["scores"].items()},
+    }
+
+
+def bench_selection(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Blend selection (greedy search + the full tuning of the trials it reports) over three
+    runs' OOF probabilities at the real data's size, every core, kaggle profile."""
+    table = _tuning_set(sizes, work / "selection", members=3)
+    dirs = [work / "selection" / f"run{k}" / "oof_probs" for k in range(3)]
+    folds = {f"case{k // 3 + 1}_day{k % 3}": (k // 3) % 5 for k in range(sizes.tuning_days)}
+    start = time.perf_counter()
+    result = select_blend(dirs, table, "kaggle", folds, progress=False)
+    seconds = time.perf_counter() - start
+    return {
+        "selection_seconds_real_scale": seconds,
+        "selection_case_days": result["n_case_days"],
+        "selection_members": len(dirs),
+        "selection_weights": result["weights"],
+        "selection_rounds": len(result["history"]),
+        "selection_scores": {
+            "members": [round(m["full"]["score"], 5) for m in result["members"]],
+            "equal_blend": round(result["equal_blend"]["full"]["score"], 5),
+            "selected": round(result["selected"]["full"]["score"], 5),
+            "chosen": round(result["score"], 5),
+        },
     }
 
 
@@ -605,11 +650,11 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'measure':<26} {'result':>9}  {'target':>8}  met", "-" * 52]
+    lines = [f"{'measure':<30} {'result':>9}  {'target':>8}  met", "-" * 56]
     for key, (op, target) in TARGETS.items():
         if key in results:
             ok = "yes" if results["met"][key] else "NO"
-            lines.append(f"{key:<26} {results[key]:>9.3f}  {op}{target:>6g}  {ok}")
+            lines.append(f"{key:<30} {results[key]:>9.3f}  {op}{target:>6g}  {ok}")
     return "\n".join(lines)
 
 
@@ -621,7 +666,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["rle", "loader", "patches", "ema", "training", "metric", "tuning"],
+        choices=["rle", "loader", "patches", "ema", "training", "metric", "tuning", "selection"],
         help="run only these parts (inference needs training)",
     )
     return parser.parse_args()
@@ -630,7 +675,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     sizes = QUICK if args.quick else FULL
-    parts = set(args.only or ["rle", "loader", "patches", "ema", "training", "metric", "tuning"])
+    every = ["rle", "loader", "patches", "ema", "training", "metric", "tuning", "selection"]
+    parts = set(args.only or every)
     results: dict[str, Any] = {"quick": args.quick, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="gitract-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -656,6 +702,8 @@ def main() -> int:
             results.update(bench_metric(sizes))
         if "tuning" in parts:
             results.update(bench_tuning(sizes, work))
+        if "selection" in parts:
+            results.update(bench_selection(sizes, work))
         results["seconds"] = time.perf_counter() - started
     results["targets"] = {k: f"{op} {t:g}" for k, (op, t) in TARGETS.items()}
     results["met"] = verdicts(results)

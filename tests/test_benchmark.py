@@ -16,7 +16,7 @@ def test_quick_benchmark_writes_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick",
-         "--only", "rle", "loader", "metric", "patches", "ema", "--json", str(out)],
+         "--only", "rle", "loader", "metric", "patches", "ema", "selection", "--json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -29,4 +29,8 @@ def test_quick_benchmark_writes_ratios(tmp_path: Path) -> None:
     assert results["loader_img_size"] == [320, 384]
     assert results["ema_step_ratio"] > 0 and results["ema_step_ratio_timm"] > 0
     assert results["machine"]["cores"] >= 1
+    # Selection picks a blend at least as good as its best run alone (pooled OOF score).
+    scores = results["selection_scores"]
+    assert results["selection_seconds_real_scale"] > 0 and results["selection_members"] == 3
+    assert scores["chosen"] >= max(scores["members"])
     assert not [p for p in tmp_path.iterdir() if p.name != "bench.json"]

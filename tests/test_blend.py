@@ -33,7 +33,7 @@ from gitract.inference.blend import (
 )
 from gitract.inference.submission import OOF_PROBS_DIR, encode_volume, infer_oof, infer_test
 from gitract.models.kind2d import Ensemble
-from gitract.postprocess.steps import ClassPostprocess, quantize
+from gitract.postprocess.steps import ClassPostprocess, blend_quantized, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo_cpu.yaml"
@@ -77,6 +77,9 @@ def _day(value: float) -> np.ndarray:
 
 
 def test_blend_is_the_weighted_mean_per_case_day_in_lockstep() -> None:
+    """Each member is quantised as its OOF files keep it, then the weighted mean of those is
+    quantised again (what selection forms from OOF files); presence the same, over the members
+    that have one."""
     rng = np.random.default_rng(0)
     a = {cd: rng.random((2, 3, 4, 5), dtype=np.float32) for cd in ("case1_day0", "case2_day0")}
     b = {cd: rng.random((2, 3, 4, 5), dtype=np.float32) for cd in a}
@@ -88,18 +91,39 @@ def test_blend_is_the_weighted_mean_per_case_day_in_lockstep() -> None:
     ]
     stream = blend_days(members, pd.DataFrame(), cache=None)
     first = next(stream)
-    assert first.case_day == "case1_day0" and first.probs.dtype == np.float32
-    np.testing.assert_allclose(first.probs, (3 * a["case1_day0"] + b["case1_day0"]) / 4, 1e-6)
-    # Presence: the mean over the members that have one (here only b).
-    np.testing.assert_allclose(first.presence, pres["case1_day0"])
+    assert first.case_day == "case1_day0" and first.probs.dtype == np.uint8
+
+    def want(day: str) -> np.ndarray:
+        mean = (3 * quantize(a[day]).astype(np.float64) + quantize(b[day])) / 4
+        return np.rint(mean).astype(np.uint8)
+
+    # Weights 3 and 1: every float32 step is exact, so the blend is the exact rounded mean.
+    np.testing.assert_array_equal(first.probs, want("case1_day0"))
+    # Presence: the weighted mean over the members that have one (here only b).
+    np.testing.assert_array_equal(first.presence, quantize(pres["case1_day0"]))
     assert log == [("a", "case1_day0"), ("b", "case1_day0")]  # nothing of day 2 yet
     second = next(stream)
-    np.testing.assert_allclose(second.probs, (3 * a["case2_day0"] + b["case2_day0"]) / 4, 1e-6)
+    np.testing.assert_array_equal(second.probs, want("case2_day0"))
     assert next(stream, None) is None
 
     plain = [_FakeMember("a", 1.0, [("case1_day0", _day(0.2))])]
     (only,) = blend_days(plain, pd.DataFrame(), None)
-    assert only.presence is None and (only.probs == np.float32(0.2)).all()
+    assert only.presence is None and (only.probs == quantize(_day(0.2))).all()
+
+
+def test_blend_quantized_is_exact_and_leaves_out_zero_weights() -> None:
+    """Integer weights: the float32 sums are exact, so the blend is the correctly rounded
+    weighted mean; a member of weight 0 changes nothing; one member passes through."""
+    rng = np.random.default_rng(1)
+    q = [rng.integers(0, 256, (4, 3, 5, 6), dtype=np.uint8) for _ in range(3)]
+    got = blend_quantized(q, [2, 1, 0])
+    exact = (2 * q[0].astype(np.int64) + q[1]) / 3  # never a .5 tie with a divisor of 3
+    np.testing.assert_array_equal(got, np.rint(exact).astype(np.uint8))
+    np.testing.assert_array_equal(got, blend_quantized(q[:2], [2, 1]))
+    np.testing.assert_array_equal(got, blend_quantized(q[:2], [4, 2]))  # the same shares
+    assert blend_quantized(q, [0, 5, 0]) is q[1]
+    with pytest.raises(ValueError, match="weight > 0"):
+        blend_quantized(q, [0, 0, 0])
 
 
 def test_blend_refuses_members_out_of_step() -> None:
@@ -254,7 +278,8 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
     for day, a, b in zip(blended, *singles, strict=True):
         height, width = table.loc[table["case_day"] == day.case_day, ["height", "width"]].iloc[0]
         assert a.probs.shape == b.probs.shape == (len(day.ids), 3, height, width)
-        np.testing.assert_allclose(day.probs, 0.75 * a.probs + 0.25 * b.probs, atol=1e-6)
+        mean = 0.75 * quantize(a.probs).astype(np.float64) + 0.25 * quantize(b.probs)
+        np.testing.assert_array_equal(day.probs, np.rint(mean))  # 0.75, 0.25: exact in float32
         assert np.abs(a.probs - b.probs).max() > 0.05  # the members do differ
 
     # The blend's tuned post-processing is read from its own folder.
@@ -278,7 +303,7 @@ def test_a_2d_3d_blend_is_the_weighted_mean_and_a_valid_submission(
         day = by_day[shapes.at[row.id, "case_day"]]
         z, c = day.ids.index(row.id), CLASSES.index(row[2])
         # Thresholded at the tuned 0.3 (no other step is on): exactly the blend's pixels.
-        assert np.array_equal(mask.astype(bool), quantize(day.probs[z, c]) > np.rint(0.3 * 255))
+        assert np.array_equal(mask.astype(bool), day.probs[z, c] > np.rint(0.3 * 255))
         painted += int(mask.any())
     assert painted > 0
 

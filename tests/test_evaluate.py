@@ -416,8 +416,9 @@ def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
         (0, ClassPostprocess(threshold=0.7, min_size=25)),
     ]
     for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
-        probs, truth, _, _ = tuning._load(path, rows)
-        day = tuning._CaseDay(path, rows, profile, low=0.3)
+        probs, ids, _ = tuning._read_probs(path, rows)
+        truth = tuning._truth(ids, rows)
+        day = tuning._CaseDay([path], rows, profile, low=0.3)
         current = [ClassPostprocess()] * 3
         for c in range(3):
             day.set(c, current[c])

@@ -5,9 +5,11 @@ A *run* is a ``runs/<config name>`` folder of ``fold*/best.pt``; a *member* of a
 run, its folds averaged (as a single-run submission does), with a weight ``w``. Each member is
 rebuilt from the config in its own checkpoints, so members may differ in encoder, canvas,
 2.5D slices or dimensionality. Every member yields one case-day's float32 (D, 3, H, W)
-probabilities at the slices' own size; the blend is ``sum(w_i * p_i) / sum(w_i)``, and only
-then is it quantised and post-processed. The members run in lockstep, case-day by case-day, so
-memory holds one case-day per member whatever the size of the test set.
+probabilities at the slices' own size, quantised to uint8 as its OOF files keep them; the blend
+is ``rint(sum(w_i * q_i) / sum(w_i))`` of those, then post-processed (so ``evaluate.py
+--select`` forms any blend from the members' stored OOF files exactly). The members run in
+lockstep, case-day by case-day, so memory holds one case-day per member whatever the size of
+the test set.
 
 An ensemble file (YAML, or JSON) names the members and where the blend's own files go (its
 ``oof_probs/`` and the ``postprocess.json`` that ``evaluate.py --tune`` writes)::
@@ -33,14 +35,17 @@ import pandas as pd
 import torch
 import yaml
 
+from gitract.atomic import write_text_atomic
 from gitract.data.cache import VolumeCache
 from gitract.errors import CheckpointError, ConfigError
 from gitract.models.checkpoint import find_checkpoints, run_config_of
 from gitract.models.kind import DayPrediction, Predictor
 from gitract.models.kinds import kind_of
+from gitract.postprocess.steps import blend_quantized, quantize
 
 __all__ = [
     "BlendSpec",
+    "BlendedDay",
     "DayPrediction",
     "Member",
     "MemberSpec",
@@ -50,6 +55,7 @@ __all__ = [
     "load_member",
     "read_ensemble",
     "resolve_spec",
+    "write_ensemble",
 ]
 
 
@@ -143,6 +149,18 @@ def read_ensemble(path: str | Path, base: str | Path | None = None) -> BlendSpec
     return BlendSpec(tuple(specs), folder)
 
 
+def write_ensemble(spec: BlendSpec, path: str | Path, comment: str = "") -> None:
+    """Write ``spec`` as an ensemble file :func:`read_ensemble` reads back (run paths as they
+    are, relative to the folder it is used from), atomically; ``comment``: header lines."""
+    members = [
+        {"run": str(m.run), "weight": int(m.weight) if float(m.weight).is_integer() else m.weight}
+        for m in spec.members
+    ]
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    body = yaml.safe_dump({"dir": str(spec.dir), "members": members}, sort_keys=False)
+    write_text_atomic(Path(path), header + body)
+
+
 def resolve_spec(
     runs: Sequence[str | Path] | None,
     weights: Sequence[float] | None,
@@ -206,16 +224,30 @@ def load_member(
     return Member(spec.run.name, predictor, spec.weight)
 
 
+@dataclass(frozen=True)
+class BlendedDay:
+    """One case-day of a blend: slice ids in slice order, quantised uint8 (D, 3, H, W)
+    probabilities at the slices' own size and the quantised (D, 3) presence (or None): the
+    form the OOF files keep and post-processing reads."""
+
+    case_day: str
+    ids: list[str]
+    probs: np.ndarray
+    presence: np.ndarray | None = None
+
+
 def blend_days(
     members: Sequence[Member], table: pd.DataFrame, cache: VolumeCache, progress: bool = True
-) -> Iterator[DayPrediction]:
-    """The weighted mean of the members' probabilities, one case-day at a time (``table``
-    sorted by case, day, slice). The presence probability is the mean over the members that
-    have one (None when none has). A single member is passed through unchanged."""
+) -> Iterator[BlendedDay]:
+    """The blend of the members' predictions, one case-day at a time (``table`` sorted by case,
+    day, slice). Each member's probabilities are quantised first, as its own OOF files keep
+    them, then :func:`~gitract.postprocess.steps.blend_quantized` takes their weighted mean:
+    the blend that ``evaluate.py --select`` forms from those files is exactly this one. The
+    presence probability is the weighted mean over the members that have one (None when none
+    has). A single member is its own quantised prediction."""
     if not members:
         raise CheckpointError("a blend needs at least one member")
     streams = [m.days(table, cache, progress) for m in members]
-    total_weight = float(sum(m.weight for m in members))
     for days in zip(*streams, strict=True):
         first = days[0]
         for member, day in zip(members, days, strict=True):
@@ -229,13 +261,9 @@ def blend_days(
                     f"blend: {day.case_day}: member {member.name} gave {day.probs.shape}, "
                     f"{members[0].name} {first.probs.shape}"
                 )
-        if len(members) == 1:
-            yield first
-            continue
-        probs = np.zeros(first.probs.shape, dtype=np.float32)
-        for member, day in zip(members, days, strict=True):
-            probs += np.float32(member.weight) * day.probs
-        probs /= np.float32(total_weight)
-        present = [day.presence for day in days if day.presence is not None]
-        presence = None if not present else np.mean(present, axis=0).astype(np.float32)
-        yield DayPrediction(first.case_day, first.ids, probs, presence)
+        weights = [m.weight for m in members]
+        probs = blend_quantized([quantize(day.probs) for day in days], weights)
+        present = [(quantize(d.presence), m.weight) for m, d in zip(members, days, strict=True)
+                   if d.presence is not None]  # fmt: skip
+        presence = blend_quantized(*zip(*present, strict=True)) if present else None
+        yield BlendedDay(first.case_day, first.ids, probs, presence)

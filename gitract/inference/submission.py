@@ -30,7 +30,6 @@ from gitract.postprocess.steps import (
     ClassPostprocess,
     load_postprocess,
     postprocess_volume,
-    quantize,
 )
 
 if TYPE_CHECKING:  # imported where used, see below
@@ -161,8 +160,7 @@ def infer_test(
     targets = table[table["id"].isin(wanted)].sort_values(["case", "day", "slice"], kind="stable")
     predictions: dict[tuple[str, str], str] = {}
     for day in blend_days(members, targets, cache, progress):
-        presence = None if day.presence is None else quantize(day.presence)
-        predictions.update(encode_volume(day.ids, quantize(day.probs), params, presence))
+        predictions.update(encode_volume(day.ids, day.probs, params, day.presence))
     write_submission(sample, predictions, out)
     return out
 
@@ -229,10 +227,8 @@ def infer_oof(
         # Slices arrive in slice order, one case-day after the other: each day's probabilities
         # are saved, then encoded, then dropped, so memory holds one volume at a time.
         for day in blend_days(members, val, cache, progress):
-            volume = quantize(day.probs)
-            presence = None if day.presence is None else quantize(day.presence)
-            _save_volume_probs(probs_dir, day.case_day, day.ids, volume, presence)
-            predictions.update(encode_volume(day.ids, volume, params, presence))
+            _save_volume_probs(probs_dir, day.case_day, day.ids, day.probs, day.presence)
+            predictions.update(encode_volume(day.ids, day.probs, params, day.presence))
     rows = table[table["fold"].isin(folds)]
     sample = pd.DataFrame(
         [(i, name) for i in rows["id"] for name in CLASSES], columns=["id", "class"]

@@ -42,6 +42,7 @@ __all__ = [
     "POSTPROCESS_FILE",
     "STEP_NAMES",
     "ClassPostprocess",
+    "blend_quantized",
     "drop_short_runs",
     "fill_gaps",
     "load_postprocess",
@@ -70,6 +71,26 @@ _STRUCTURE_3D[0, 1, 1] = _STRUCTURE_3D[2, 1, 1] = True
 def quantize(probs: np.ndarray) -> np.ndarray:
     """Probabilities in [0, 1] -> uint8 ``rint(p * 255)``, as the OOF files store them."""
     return np.rint(np.clip(probs, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def blend_quantized(volumes: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The weighted mean of quantised probabilities, quantised again: ``rint(sum(w_i * q_i) /
+    sum(w_i))`` as uint8, summed in float32 in the members' order.
+
+    Inference blends its members' quantised probabilities with it, and blend selection blends
+    the members' stored OOF files with it: one function, so a blend formed from OOF files is
+    bit for bit what inference forms from the same predictions. Members of weight 0 are left
+    out (they add nothing, and need not be there). One member passes through unchanged."""
+    pairs = [(v, float(w)) for v, w in zip(volumes, weights, strict=True) if w > 0]
+    if not pairs:
+        raise ValueError(f"a blend needs a weight > 0; got {list(weights)}")
+    if len(pairs) == 1:
+        return pairs[0][0]
+    total = np.zeros(pairs[0][0].shape, dtype=np.float32)
+    for volume, weight in pairs:
+        total += np.float32(weight) * volume.astype(np.float32)
+    total /= np.float32(sum(w for _, w in pairs))
+    return np.rint(total).astype(np.uint8)
 
 
 def _level(value: float) -> float:

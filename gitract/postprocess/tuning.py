@@ -38,12 +38,13 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from gitract.config import PostprocessConfig
-from gitract.data.layout import CLASSES, slice_mask
+from gitract.data.layout import CLASSES, read_csv_file, slice_mask
 from gitract.errors import ConfigError, DataError
 from gitract.postprocess.steps import (
     PIXEL_STEPS,
     STEP_NAMES,
     ClassPostprocess,
+    blend_quantized,
     postprocess_class,
     postprocess_volume,
     threshold_class,
@@ -66,6 +67,9 @@ from gitract.scoring.metrics import (
 
 __all__ = [
     "DEFAULT_GRID",
+    "OofSearch",
+    "case_day_folds",
+    "section",
     "DEFAULT_MIN_SIZES",
     "DEFAULT_THRESHOLDS",
     "THRESHOLD_STEPS",
@@ -94,8 +98,9 @@ _SQRT3 = math.sqrt(3.0)
 _CASE_DAY_RE = re.compile(r"^case(\d+)_day(\d+)$")
 
 
-def _day_order(path: Path) -> tuple[int, int]:
-    match = _CASE_DAY_RE.match(path.stem)
+def _day_order(path: Path | str) -> tuple[int, int]:
+    """(case, day) of a ``case<N>_day<D>`` name or ``.npz`` file, to sort case-days by."""
+    match = _CASE_DAY_RE.match(Path(path).stem)
     if not match:
         raise DataError(f"{path}: not a case<N>_day<D>.npz probabilities file")
     return int(match.group(1)), int(match.group(2))
@@ -106,12 +111,9 @@ def _has_presence(path: Path) -> bool:
         return "presence" in saved.files
 
 
-def _load(
-    path: Path, rows: pd.DataFrame
-) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
-    """Quantised probabilities (D, C, H, W), truth (D, C, H, W) bool, the slice ids and the
-    quantised (D, C) presence probabilities (None without a classification head) of one
-    case-day."""
+def _read_probs(path: Path, rows: pd.DataFrame) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """Quantised probabilities (D, C, H, W), the slice ids and the quantised (D, C) presence
+    probabilities (None without a classification head) of one case-day's OOF file."""
     with np.load(path) as saved:
         probs, ids = saved["probs"], saved["ids"].tolist()
         presence = saved["presence"] if "presence" in saved.files else None
@@ -126,8 +128,38 @@ def _load(
         raise DataError(
             f"{path}: presence must be uint8 (D, {_C}); got {presence.dtype} {presence.shape}"
         )
+    return probs, ids, presence
+
+
+def _truth(ids: Sequence[str], rows: pd.DataFrame) -> np.ndarray:
+    """The (D, C, H, W) bool truth of the slices ``ids``."""
     truth = np.stack([slice_mask(rows.loc[i]) for i in ids]).astype(bool)  # (D, H, W, C)
-    return probs, np.ascontiguousarray(truth.transpose(0, 3, 1, 2)), ids, presence
+    return np.ascontiguousarray(truth.transpose(0, 3, 1, 2))
+
+
+def _load_members(
+    paths: Sequence[Path], rows: pd.DataFrame
+) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray]:
+    """One case-day's OOF files, one per member (the same slices in the same order): their
+    probabilities, their presence (or None) and the truth."""
+    loaded = [_read_probs(path, rows) for path in paths]
+    probs, ids, _ = loaded[0]
+    for path, (other, other_ids, _) in zip(paths[1:], loaded[1:], strict=True):
+        if other_ids != ids or other.shape != probs.shape:
+            raise DataError(
+                f"{path}: not the slices of {paths[0]} ({len(other_ids)} slices of "
+                f"{other.shape[2:]} against {len(ids)} of {probs.shape[2:]}); run "
+                "scripts/infer.py --oof for both runs on the same folds file"
+            )
+    return [p for p, _, _ in loaded], [pr for _, _, pr in loaded], _truth(ids, rows)
+
+
+def _blend_presence(
+    presence: Sequence[np.ndarray | None], weights: Sequence[float]
+) -> np.ndarray | None:
+    """The blend's presence: the weighted mean over the weighted members that have one."""
+    have = [(pr, w) for pr, w in zip(presence, weights, strict=True) if pr is not None and w > 0]
+    return blend_quantized(*zip(*have, strict=True)) if have else None
 
 
 class _Target:
@@ -163,23 +195,34 @@ class _Target:
 
 
 class _CaseDay:
-    """What a worker keeps of one case-day: per class the box of reachable or true voxels."""
+    """What a worker keeps of one case-day: per class the box of voxels that are true or that
+    some member's probability can take past the lowest threshold, with each member's
+    probabilities at those voxels only, and the blend of the current weights on the box."""
 
-    def __init__(self, path: Path, rows: pd.DataFrame, profile: str, low: float) -> None:
-        probs, truth, _, presence = _load(path, rows)
-        self.path, self.profile = path, profile
-        self.depth, _, self.height, self.width = probs.shape
+    def __init__(self, paths: Sequence[Path], rows: pd.DataFrame, profile: str, low: float) -> None:
+        members, presence, truth = _load_members(paths, rows)
+        self.paths, self.profile = tuple(paths), profile
+        self.depth, _, self.height, self.width = members[0].shape
         shape = (self.depth, self.height, self.width)
-        reach = probs > low * 255
-        self.classes = []
+        reach = np.zeros(members[0].shape, dtype=bool)
+        for probs in members:
+            reach |= probs > low * 255
+        # Per class: its target, and on its box the reachable voxels' flat indices with each
+        # member's values there (a blend is below the lowest threshold wherever every member
+        # is, so the other voxels of the box are 0 for the steps).
+        self.members: list[tuple[_Target, np.ndarray | None, np.ndarray | None, list]] = []
         for c in range(_C):
             target = _Target(truth[:, c], reach[:, c], shape)
-            box, box_probs, box_presence = target.box, None, None
-            if box is not None:
-                box_probs = np.ascontiguousarray(probs[:, c][box])
-                if presence is not None:
-                    box_presence = np.ascontiguousarray(presence[box[0], c])
-            self.classes.append((target, box_probs, box_presence))
+            index = values = None
+            box_presence: list[np.ndarray | None] = [None] * len(members)
+            if target.box is not None:
+                index = np.flatnonzero(reach[:, c][target.box])
+                values = np.stack([probs[:, c][target.box].ravel()[index] for probs in members])
+                box_presence = [
+                    None if pr is None else np.ascontiguousarray(pr[target.box[0], c])
+                    for pr in presence
+                ]
+            self.members.append((target, index, values, box_presence))
         self.union = None
         if profile == "mlebench":
             self.square = self.height == self.width
@@ -189,15 +232,29 @@ class _CaseDay:
                 self.union = _Target(any_truth, any_reach, shape)
             else:
                 self.union_truth = mlebench_view(any_truth)
+        # Scores of masks already measured, by content: most candidates of a step change
+        # nothing on most case-days (whatever the blend: a mask's terms depend on it alone).
+        self.by_mask: dict[tuple, np.ndarray | float | None] = {}
+        self.blend([1.0] + [0.0] * (len(members) - 1))
+
+    def blend(self, weights: Sequence[float]) -> None:
+        """Take the blend of the members with ``weights`` (as inference forms it) on every
+        class's box; no class has a setting yet."""
+        self.weights = tuple(weights)
+        self.classes = []
+        for target, index, values, box_presence in self.members:
+            box_probs = presence = None
+            if target.box is not None:
+                box_probs = np.zeros(target.truth.shape, dtype=np.uint8)
+                box_probs.ravel()[index] = blend_quantized(values, weights)
+                presence = _blend_presence(box_presence, weights)
+            self.classes.append((target, box_probs, presence))
         self.current: list[ClassPostprocess | None] = [None] * _C
         self.masks: list[np.ndarray | None] = [None] * _C
         self.memo: dict[tuple, np.ndarray] = {}
         # Steps 1-2 (threshold, 2D sizes) of the last few settings: the other steps' candidates
         # all start from the same step-2 masks.
         self.stage2: dict[tuple, np.ndarray] = {}
-        # Scores of masks already measured, by content: most candidates of a step change
-        # nothing on most case-days.
-        self.by_mask: dict[tuple, np.ndarray | float | None] = {}
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
         """postprocess_class on the box (exact: nothing outside it can pass the threshold),
@@ -278,17 +335,21 @@ class _CaseDay:
             self.memo[key] = self._class_terms(k)
         return self.memo[key]
 
-    def exact(self, settings: Sequence[Sequence[ClassPostprocess]], rows: pd.DataFrame) -> list:
-        """Terms of each setting as inference makes them: the whole case-day again."""
-        probs, truth, _, presence = _load(self.path, rows)
-        terms = [
-            volume_terms(postprocess_volume(probs, s, presence), truth, self.profile)
-            for s in settings
-        ]
-        return len(probs), terms
+    def exact(self, trials: Sequence[tuple[Sequence[float], Sequence[ClassPostprocess]]], rows):
+        """Terms of each (weights, settings) trial as inference makes them: the members'
+        whole case-day blended, then post-processed."""
+        members, presence, truth = _load_members(self.paths, rows)
+        terms = []
+        for weights, settings in trials:
+            probs = blend_quantized(members, weights)
+            masks = postprocess_volume(probs, settings, _blend_presence(presence, weights))
+            terms.append(volume_terms(masks, truth, self.profile))
+        return len(truth), terms
 
 
-def _worker(conn, paths: list[Path], rows: pd.DataFrame, profile: str, low: float) -> None:
+def _worker(
+    conn, paths: list[tuple[Path, ...]], rows: pd.DataFrame, profile: str, low: float
+) -> None:
     """Serve requests on ``conn`` for a shard of case-days kept in memory."""
     try:
         days = [_CaseDay(p, rows, profile, low) for p in paths]
@@ -310,8 +371,12 @@ def _worker(conn, paths: list[Path], rows: pd.DataFrame, profile: str, low: floa
                     for k, params in enumerate(candidates):
                         sums[k] += day.terms(c, params)
                 conn.send(("ok", sums))
+            elif command == "blend":
+                for day in days:
+                    day.blend(args[0])
+                conn.send(("ok", None))
             elif command == "exact":
-                out = [(day.path, day.exact(args[0], rows)) for day in days]
+                out = [(day.paths[0], day.exact(args[0], rows)) for day in days]
                 conn.send(("ok", out))
     except Exception as err:  # reported to the parent, which raises it there
         conn.send(("error", err))
@@ -376,10 +441,14 @@ def _check_grid(grid: Mapping[str, Sequence]) -> dict[str, tuple]:
     return out
 
 
-def _descend(pool: _Pool, profile: str, start: list, grid: dict, steps, sweeps: int, bar) -> list:
-    """Coordinate descent from ``start`` over ``steps``; returns the per-class settings."""
+def _descend(
+    pool: _Pool, profile: str, start: list, grid: dict, steps, sweeps: int, bar
+) -> tuple[list[ClassPostprocess], float]:
+    """Coordinate descent from ``start`` over ``steps``: the per-class settings and their
+    score (the search's, which the exact pass reproduces)."""
     current = list(start)
     pool.ask("set", tuple(current))
+    score = math.nan
     for _ in range(sweeps):
         changed = False
         for c in range(_C):
@@ -389,16 +458,162 @@ def _descend(pool: _Pool, profile: str, start: list, grid: dict, steps, sweeps: 
                     candidates.append(current[c])
                 sums = np.sum(pool.ask("eval", c, candidates), axis=0)
                 scores = [terms_summary(s, profile)["score"] for s in sums]
-                now = scores[candidates.index(current[c])]
+                score = scores[candidates.index(current[c])]
                 best = int(np.nanargmax(scores))
-                if scores[best] > now + 1e-12:
-                    current[c] = candidates[best]
+                if scores[best] > score + 1e-12:
+                    current[c], score = candidates[best], scores[best]
                     pool.ask("set", tuple(current))
                     changed = True
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
         if not changed:
             break
-    return current
+    return current, score
+
+
+def case_day_folds(folds_csv: Path) -> dict[str, int]:
+    """``case<N>_day<D>`` -> fold, from a folds file (scripts/make_folds.py's)."""
+    folds = read_csv_file(folds_csv, ("case", "day", "fold"), "folds file")
+    fold = pd.to_numeric(folds["fold"], errors="coerce")
+    if fold.isna().any():
+        line = int(np.flatnonzero(fold.isna().to_numpy())[0])
+        raise DataError(
+            f"{folds_csv}: line {line + 2}: fold {folds['fold'].iloc[line]!r} is not an integer"
+        )
+    days = "case" + folds["case"] + "_day" + folds["day"]
+    return dict(zip(days, fold.astype(int), strict=True))
+
+
+class OofSearch:
+    """The out-of-fold probabilities of one or more runs (the *members*: ``oof_probs/``
+    folders), held by worker processes, where post-processing settings and blend weights are
+    searched without re-running any model.
+
+    Only the case-days every member has are used. :meth:`blend` takes the members' weighted
+    blend (exactly as inference forms it: :func:`~gitract.postprocess.steps.blend_quantized`),
+    :meth:`search` runs a coordinate descent on it, :meth:`exact` scores (weights, settings)
+    trials as inference reproduces them, pooled and per fold. Use it as a context manager: it
+    owns processes."""
+
+    def __init__(
+        self,
+        member_dirs: Sequence[Path],
+        table: pd.DataFrame,
+        profile: str = "kaggle",
+        grid: Mapping[str, Sequence] | None = None,
+        workers: int | None = None,
+        folds: Mapping[str, int] | None = None,
+    ) -> None:
+        check_profile(profile)
+        self.profile, self.grid = profile, _check_grid(DEFAULT_GRID if grid is None else grid)
+        self.member_dirs = [Path(d) for d in member_dirs]
+        per_member = [_oof_files(d) for d in self.member_dirs]
+        shared = set.intersection(*(set(files) for files in per_member))
+        self.case_days = sorted(shared, key=_day_order)
+        if not self.case_days:
+            raise DataError(
+                f"{', '.join(map(str, self.member_dirs))}: no case-day has OOF probabilities "
+                "of every run; run scripts/infer.py --oof for each run on the same folds"
+            )
+        self.left_out = sum(len(files) for files in per_member) - len(per_member) * len(shared)
+        self.with_presence = [
+            _has_presence(d / f"{self.case_days[0]}.npz") for d in self.member_dirs
+        ]
+        for directory, has in zip(self.member_dirs, self.with_presence, strict=True):
+            odd = [cd for cd in self.case_days if _has_presence(directory / f"{cd}.npz") != has]
+            if odd:
+                raise DataError(
+                    f"{directory / odd[0]}.npz: presence probabilities in some OOF files of "
+                    "this run but not in all"
+                )
+        self.folds = None
+        if folds is not None:
+            unknown = [cd for cd in self.case_days if cd not in folds]
+            if unknown:
+                raise DataError(
+                    f"{unknown[0]}: OOF probabilities of a case-day that no fold holds; use "
+                    "the folds file the OOF predictions were made with"
+                )
+            self.folds = {cd: int(folds[cd]) for cd in self.case_days}
+        self.rows = table.set_index("id")
+        files = [tuple(d / f"{cd}.npz" for d in self.member_dirs) for cd in self.case_days]
+        workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
+        self.low = min(*self.grid["threshold"], ClassPostprocess().threshold)  # untuned too
+        self.pool = _Pool(files, self.rows, profile, self.low, workers)
+        self.weights: tuple[float, ...] = (1.0,) + (0.0,) * (len(member_dirs) - 1)
+
+    def __enter__(self) -> OofSearch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def blend(self, weights: Sequence[float]) -> None:
+        """Search on the blend of the members with ``weights`` (0: left out) from now on."""
+        if len(weights) != len(self.member_dirs) or not any(w > 0 for w in weights):
+            raise ValueError(f"one weight per member, some > 0: got {list(weights)}")
+        self.weights = tuple(float(w) for w in weights)
+        self.pool.ask("blend", self.weights)
+
+    def steps(self, names: Sequence[str]) -> list[str]:
+        """The grid's steps among ``names`` that apply to the current blend (``gate_cls`` only
+        where a weighted member has a classification head)."""
+        presence = any(h and w > 0 for h, w in zip(self.with_presence, self.weights, strict=True))
+        return [n for n in names if n in self.grid and (presence or n != "gate_cls")]
+
+    def search(
+        self, start: Sequence[ClassPostprocess], steps: Sequence[str], sweeps: int, bar=None
+    ) -> tuple[list[ClassPostprocess], float]:
+        """Coordinate descent on the current blend from ``start`` over ``steps``."""
+        return _descend(self.pool, self.profile, list(start), self.grid, steps, sweeps, bar)
+
+    def tune(self, sweeps: int = DEFAULT_SWEEPS, bar=None) -> tuple[list, list]:
+        """The tuner's two searches on the current blend: (thresholds_only, full) settings."""
+        untuned = [ClassPostprocess()] * _C
+        thresholds_only, _ = self.search(untuned, self.steps(THRESHOLD_STEPS), sweeps, bar)
+        full, _ = self.search(thresholds_only, self.steps(STEP_NAMES), sweeps, bar)
+        return thresholds_only, full
+
+    def rounds(self, sweeps: int) -> int:
+        """Progress-bar steps of one :meth:`tune` at most."""
+        return sweeps * _C * (len(self.steps(THRESHOLD_STEPS)) + len(self.steps(STEP_NAMES)))
+
+    def exact(
+        self, trials: Sequence[tuple[Sequence[float], Sequence[ClassPostprocess]]]
+    ) -> list[dict]:
+        """Each (weights, settings) trial scored exactly as inference reproduces it: the whole
+        case-days blended and post-processed, the profile's VolumeScoreAccumulator adding them
+        in (case, day) order as ``evaluate.py`` does. Per trial: score, dice, hausdorff and,
+        with folds, ``per_fold`` {fold: score}; every file read once for all trials."""
+        trials = [(tuple(float(w) for w in weights), tuple(s)) for weights, s in trials]
+        per_day = [pair for shard in self.pool.ask("exact", trials) for pair in shard]
+        per_day.sort(key=lambda pair: _day_order(pair[0]))
+        out = []
+        for k in range(len(trials)):
+            pooled, by_fold = VolumeScoreAccumulator(self.profile), {}
+            for path, (_, terms) in per_day:
+                pooled.add_terms(terms[k])
+                if self.folds is not None:
+                    fold = self.folds[path.stem]
+                    by_fold.setdefault(fold, VolumeScoreAccumulator(self.profile))
+                    by_fold[fold].add_terms(terms[k])
+            result = pooled.compute()
+            if self.folds is not None:
+                result["per_fold"] = {f: by_fold[f].compute()["score"] for f in sorted(by_fold)}
+            out.append(result)
+        self.n_slices = sum(depth for _, (depth, _) in per_day)
+        return out
+
+
+def _oof_files(directory: Path) -> list[str]:
+    """The case-days of a run's ``oof_probs/`` folder (temp files left out)."""
+    files = [p for p in Path(directory).glob("*.npz") if not p.name.startswith(".")]
+    if not files:
+        raise DataError(f"{directory}: no OOF probabilities; run scripts/infer.py --oof first")
+    return [p.stem for p in sorted(files, key=_day_order)]
 
 
 def tune_postprocess(
@@ -409,65 +624,39 @@ def tune_postprocess(
     sweeps: int = DEFAULT_SWEEPS,
     workers: int | None = None,
     progress: bool = True,
+    folds: Mapping[str, int] | None = None,
 ) -> dict:
     """Search the per-class post-processing on the OOF probabilities for ``profile``.
 
     ``table`` is the train slice table (``load_train_table``) holding the truth; ``grid``
-    maps step names to the values to try (default DEFAULT_GRID; a step left out stays off).
+    maps step names to the values to try (default DEFAULT_GRID; a step left out stays off);
+    ``folds`` (case-day -> fold, :func:`case_day_folds`) adds each fold's score.
     Returns ``classes`` (the full search's settings: a ``postprocess`` section, as
     postprocess.json holds it), ``thresholds_only`` (the same after the first search),
-    ``profile``, ``scores`` ({untuned, thresholds_only, full} -> {score, dice, hausdorff}),
-    ``score`` (the full one), ``baseline_score`` (the untuned one), ``n_case_days`` and
-    ``n_slices``."""
-    check_profile(profile)
-    grid = _check_grid(DEFAULT_GRID if grid is None else grid)
-    files = sorted(
-        (p for p in probs_dir.glob("*.npz") if not p.name.startswith(".")), key=_day_order
-    )
-    if not files:
-        raise DataError(f"{probs_dir}: no OOF probabilities; run scripts/infer.py --oof first")
-    with_presence = [_has_presence(p) for p in files]
-    if any(with_presence) and not all(with_presence):
-        odd = files[with_presence.index(not with_presence[0])]
-        raise DataError(f"{odd}: presence probabilities in some OOF files but not in all")
-    if not with_presence[0]:
-        grid.pop("gate_cls", None)  # no classification head: nothing to gate on
-    rows = table.set_index("id")
-    workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
-    low = min(*grid["threshold"], ClassPostprocess().threshold)  # the untuned start too
-    untuned = [ClassPostprocess()] * _C
-    threshold_steps = [s for s in THRESHOLD_STEPS if s in grid]
-    all_steps = list(grid)
-    n_rounds = sweeps * _C * (len(threshold_steps) + len(all_steps))
-    pool = _Pool(files, rows, profile, low, workers)
-    try:
-        with tqdm(total=n_rounds, desc="tune", unit="step", disable=not progress) as bar:
-            thresholds_only = _descend(pool, profile, untuned, grid, threshold_steps, sweeps, bar)
-            full = _descend(pool, profile, thresholds_only, grid, all_steps, sweeps, bar)
-        settings = [tuple(untuned), tuple(thresholds_only), tuple(full)]
-        per_day = [pair for shard in pool.ask("exact", settings) for pair in shard]
-    finally:
-        pool.close()
-    # Add the case-days up in (case, day) order, as evaluate.py does: the same float sums.
-    per_day.sort(key=lambda pair: _day_order(pair[0]))
-    scores = {}
-    for k, name in enumerate(("untuned", "thresholds_only", "full")):
-        acc = VolumeScoreAccumulator(profile)
-        for _, (_, terms) in per_day:
-            acc.add_terms(terms[k])
-        scores[name] = acc.compute()
-    n_slices = sum(depth for _, (depth, _) in per_day)
+    ``profile``, ``scores`` ({untuned, thresholds_only, full} -> {score, dice, hausdorff, and
+    with folds per_fold}), ``score`` (the full one), ``baseline_score`` (the untuned one),
+    ``n_case_days`` and ``n_slices``."""
+    with OofSearch([probs_dir], table, profile, grid, workers, folds) as search:
+        untuned = [ClassPostprocess()] * _C
+        with tqdm(
+            total=search.rounds(sweeps), desc="tune", unit="step", disable=not progress
+        ) as bar:
+            thresholds_only, full = search.tune(sweeps, bar)
+        names = ("untuned", "thresholds_only", "full")
+        trials = [((1.0,), s) for s in (untuned, thresholds_only, full)]
+        scores = dict(zip(names, search.exact(trials), strict=True))
     return {
         "profile": profile,
-        "classes": _section(full).model_dump(),
-        "thresholds_only": _section(thresholds_only).model_dump(),
+        "classes": section(full).model_dump(),
+        "thresholds_only": section(thresholds_only).model_dump(),
         "scores": scores,
         "score": scores["full"]["score"],
         "baseline_score": scores["untuned"]["score"],
-        "n_case_days": len(files),
-        "n_slices": n_slices,
+        "n_case_days": len(search.case_days),
+        "n_slices": search.n_slices,
     }
 
 
-def _section(per_class: Sequence[ClassPostprocess]) -> PostprocessConfig:
+def section(per_class: Sequence[ClassPostprocess]) -> PostprocessConfig:
+    """Per-class settings as a ``postprocess`` section (postprocess.json's schema)."""
     return PostprocessConfig(**dict(zip(CLASSES, per_class, strict=True)))
