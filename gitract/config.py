@@ -171,6 +171,10 @@ class ModelConfig(_Section):
     kind: Literal["2.5d", "3d"] = "2.5d"  # "3d": a MONAI network on whole case-day volumes
     aux_head: bool = False  # 2.5D: a per-slice "organ present" head (smp aux_params)
     init_filters: AtLeast1 = 16  # 3D: width of the first SegResNet block
+    # 3D: the network's normalisation and activation; null: its own (SegResNet: GroupNorm of 8
+    # groups, ReLU; UNet: InstanceNorm, PReLU). 2.5D encoders bring their own.
+    norm: Literal["group", "batch", "instance"] | None = None
+    act: Literal["relu", "prelu"] | None = None
 
     @field_validator("aux_head")
     @classmethod
@@ -178,6 +182,19 @@ class ModelConfig(_Section):
         if value and info.data.get("kind") == "3d":
             raise PydanticCustomError("rule", "false for a 3D model (a 2.5D option)")
         return value
+
+    @field_validator("norm", "act")
+    @classmethod
+    def _layers_are_3d(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("kind") != "3d":
+            raise PydanticCustomError(
+                "rule", "null for a 2.5D model (a 3D option; smp encoders bring their own)"
+            )
+        return value
+
+    def norm_3d(self) -> str:
+        """The 3D network's normalisation: ``norm``, or the network's own when null."""
+        return self.norm or ("instance" if self.arch.lower() == "unet" else "group")
 
 
 class TrainConfig(_Section):
@@ -346,10 +363,11 @@ class Config(_Section):
                 {"multiple": 2**levels, "arch": model.arch, "patch": patch},
             )  # fmt: skip
         filters = model.init_filters
-        if model.arch.lower() == "segresnet" and filters % 8:
+        if model.norm_3d() == "group" and filters % 8:
             raise PydanticCustomError(
-                "text", "model.init_filters: SegResNet needs a multiple of 8 (GroupNorm of 8 "
-                "groups), got {filters}", {"filters": filters},
+                "text", "model.init_filters: {arch} needs a multiple of 8 (GroupNorm of 8 "
+                "groups; model.norm batch or instance takes any width), got {filters}",
+                {"arch": model.arch, "filters": filters},
             )  # fmt: skip
         return self
 

@@ -269,6 +269,7 @@ def test_configs_saved_before_pydantic_still_load(tmp_path):
     again = config_to_dict(cfg)
     assert again["train"].pop("val_every") == 1  # keys added later: their defaults
     assert again["data"].pop("train_crop") is None
+    assert again["model"].pop("norm") is None and again["model"].pop("act") is None
     assert {k: v for k, v in again.items() if k != "postprocess"} == {
         k: v for k, v in saved.items() if k != "postprocess"
     }

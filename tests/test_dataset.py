@@ -261,3 +261,16 @@ def test_train_crop_items_are_windows_of_the_validation_canvas(tiny_kaggle, cach
         )
         offsets.add(found[0])
     assert len(offsets) > 6  # the windows vary from one item seed to the next
+
+
+def test_first_place_2d_recipe_trains_on_448_windows_of_the_640_canvas(tiny_kaggle, cache) -> None:
+    from gitract.models.kind2d import KIND_2D
+
+    cfg = load_config(ROOT / "configs" / "recipe_1st_2d.yaml", ["data.num_workers=0"])
+    table = load_train_table(tiny_kaggle.root).iloc[:2]
+    train = KIND_2D.train_dataset(cfg, table, cache)
+    train.transform.set_random_seed(0)
+    item = train[0]
+    assert item["image"].shape == (3, 448, 448) and item["mask"].shape == (3, 448, 448)
+    whole = SliceDataset(table, cache, cfg.data)[0]  # validation and prediction
+    assert whole["image"].shape == (3, 640, 640) and whole["mask"].shape == (3, 640, 640)
