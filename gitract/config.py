@@ -127,6 +127,15 @@ class DataConfig(_Section):
     slice_stride: AtLeast1 = 2
     img_size: ImageSize = [320, 384]  # (H, W)
     resize_mode: Literal["pad", "resize"] = "pad"
+    # 2.5D: train on random (H, W) windows of the canvas; validation and inference keep the
+    # whole canvas (null: train on the whole canvas too)
+    train_crop: Annotated[
+        list[int] | None,
+        _rule(
+            "null or [H, W], two positive multiples of 32 (the U-Net halves the size 5 times)",
+            lambda v: len(v) == 2 and all(s > 0 and s % 32 == 0 for s in v),
+        ),
+    ] = None
     num_workers: Annotated[
         int | None, _rule(">= 0 or null (suited to the machine)", lambda v: v >= 0)
     ] = None
@@ -135,6 +144,17 @@ class DataConfig(_Section):
     train_slices: Literal["all", "positive"] = "all"  # 2.5D: "positive": slices with an organ
     grid_hw: GridSize = [256, 256]  # 3D: in-plane grid (H, W)
     patch_size: PatchSize = [80, 160, 160]  # 3D: (D, H, W)
+
+    @field_validator("train_crop")
+    @classmethod
+    def _crop_within_canvas(cls, value: list[int] | None, info: ValidationInfo) -> Any:
+        """A crop is a window of the canvas: no side may exceed data.img_size's."""
+        canvas = info.data.get("img_size")
+        if value is not None and canvas is not None and any(map(lambda c, s: c > s, value, canvas)):
+            raise PydanticCustomError(
+                "rule", "null or [H, W] within data.img_size {canvas}", {"canvas": canvas}
+            )
+        return value
 
     @property
     def in_channels(self) -> int:
@@ -151,6 +171,10 @@ class ModelConfig(_Section):
     kind: Literal["2.5d", "3d"] = "2.5d"  # "3d": a MONAI network on whole case-day volumes
     aux_head: bool = False  # 2.5D: a per-slice "organ present" head (smp aux_params)
     init_filters: AtLeast1 = 16  # 3D: width of the first SegResNet block
+    # 3D: the network's normalisation and activation; null: its own (SegResNet: GroupNorm of 8
+    # groups, ReLU; UNet: InstanceNorm, PReLU). 2.5D encoders bring their own.
+    norm: Literal["group", "batch", "instance"] | None = None
+    act: Literal["relu", "prelu"] | None = None
 
     @field_validator("aux_head")
     @classmethod
@@ -158,6 +182,19 @@ class ModelConfig(_Section):
         if value and info.data.get("kind") == "3d":
             raise PydanticCustomError("rule", "false for a 3D model (a 2.5D option)")
         return value
+
+    @field_validator("norm", "act")
+    @classmethod
+    def _layers_are_3d(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("kind") != "3d":
+            raise PydanticCustomError(
+                "rule", "null for a 2.5D model (a 3D option; smp encoders bring their own)"
+            )
+        return value
+
+    def norm_3d(self) -> str:
+        """The 3D network's normalisation: ``norm``, or the network's own when null."""
+        return self.norm or ("instance" if self.arch.lower() == "unet" else "group")
 
 
 class TrainConfig(_Section):
@@ -305,6 +342,11 @@ class Config(_Section):
         model, data = self.model, self.data
         if model.kind != "3d":
             return self
+        if data.train_crop is not None:
+            raise PydanticCustomError(
+                "text", "data.train_crop: a 2.5D option (a 3D model trains on data.patch_size "
+                "patches), got {crop}; set it to null", {"crop": data.train_crop},
+            )  # fmt: skip
         patch, grid = list(data.patch_size), list(data.grid_hw)
         if patch[1] > grid[0] or patch[2] > grid[1]:
             raise PydanticCustomError(
@@ -321,10 +363,11 @@ class Config(_Section):
                 {"multiple": 2**levels, "arch": model.arch, "patch": patch},
             )  # fmt: skip
         filters = model.init_filters
-        if model.arch.lower() == "segresnet" and filters % 8:
+        if model.norm_3d() == "group" and filters % 8:
             raise PydanticCustomError(
-                "text", "model.init_filters: SegResNet needs a multiple of 8 (GroupNorm of 8 "
-                "groups), got {filters}", {"filters": filters},
+                "text", "model.init_filters: {arch} needs a multiple of 8 (GroupNorm of 8 "
+                "groups; model.norm batch or instance takes any width), got {filters}",
+                {"arch": model.arch, "filters": filters},
             )  # fmt: skip
         return self
 

@@ -267,7 +267,9 @@ def test_configs_saved_before_pydantic_still_load(tmp_path):
     assert cfg.name == "demo_cpu" and cfg.train.ema_decay == 0.99
     assert [p.threshold for p in cfg.postprocess.per_class()] == [0.4, 0.5, 0.6]
     again = config_to_dict(cfg)
-    assert again["train"].pop("val_every") == 1  # a key added later: its default
+    assert again["train"].pop("val_every") == 1  # keys added later: their defaults
+    assert again["data"].pop("train_crop") is None
+    assert again["model"].pop("norm") is None and again["model"].pop("act") is None
     assert {k: v for k, v in again.items() if k != "postprocess"} == {
         k: v for k, v in saved.items() if k != "postprocess"
     }
@@ -277,3 +279,41 @@ def test_configs_saved_before_pydantic_still_load(tmp_path):
 def test_empty_sections_keep_their_defaults(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  # epochs: 3\ninfer:\n"))
     assert cfg.train == Config().train and cfg.infer == Config().infer
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_in_configs_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    if cfg.model.kind == "3d":
+        assert cfg.data.train_crop is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.train_crop=[448, 450]"], "'data.train_crop' must be null or [H, W], two positive "
+         "multiples of 32 (the U-Net halves the size 5 times), got [448, 450]"),
+        (["data.train_crop=[448]"], "'data.train_crop' must be null or [H, W], two positive"),
+        (["data.train_crop=[0, 64]"], "'data.train_crop' must be null or [H, W], two positive"),
+        (["data.train_crop=[352, 384]"],
+         "must be null or [H, W] within data.img_size [320, 384], got [352, 384]"),
+        (["data.img_size=[640, 640]", "data.train_crop=[448, 672]"],
+         "must be null or [H, W] within data.img_size [640, 640], got [448, 672]"),
+        (["data.train_crop=448"], "'data.train_crop' must be list[int] | None, got 448 (int)"),
+        (["model.kind=3d", "model.arch=SegResNet", "data.train_crop=[64, 64]"],
+         "data.train_crop: a 2.5D option (a 3D model trains on data.patch_size patches), "
+         "got [64, 64]; set it to null"),
+    ],
+)  # fmt: skip
+def test_train_crop_is_checked(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_train_crop_fits_its_canvas() -> None:
+    cfg = load_config(DEFAULT, ["data.img_size=[640, 640]", "data.train_crop=[448, 640]"])
+    assert cfg.data.train_crop == [448, 640]
+    assert load_config(DEFAULT, ["data.train_crop=[320, 384]"]).data.train_crop == [320, 384]
+    assert load_config(DEFAULT, ["data.train_crop=null"]).data.train_crop is None

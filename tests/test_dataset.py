@@ -220,3 +220,57 @@ def test_intensity_jitter_scales_and_shifts_float_images() -> None:
         assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
         np.testing.assert_allclose(out, image * a + b, atol=1e-5)
     assert len({round(float(o.mean()), 6) for o in outs}) == len(outs)
+
+
+def test_train_crop_items_are_windows_of_the_validation_canvas(tiny_kaggle, cache) -> None:
+    # data.train_crop: training items (built as train.py builds them, reseeded per item) are
+    # random windows of the canvas, the same window of image and mask; validation and
+    # prediction items keep the whole canvas, whose inverse goes back to each slice's size.
+    from gitract.models.kind2d import KIND_2D
+    from gitract.training.sampling import SeededItems
+
+    no_aug = [f"train.aug_{name}=0" for name in ("hflip", "vflip", "ssr", "distort", "brightness")]
+    size = ["data.img_size=[128, 160]", "data.resize_mode=resize"]
+    crop = "data.train_crop=[64, 96]"
+    cfg = load_config(ROOT / "configs" / "demo_cpu.yaml", [*size, crop, *no_aug])
+    table = load_train_table(tiny_kaggle.root)
+    train = SeededItems(KIND_2D.train_dataset(cfg, table, cache))
+    full = SliceDataset(table, cache, cfg.data)  # what validation and predict_slices build
+    index = int(np.argmax([tiny_kaggle.masks[i].sum() for i in table["id"]]))
+    whole = full[index]
+    assert whole["image"].shape == (3, 128, 160) and whole["mask"].shape == (3, 128, 160)
+    truth = tiny_kaggle.masks[whole["id"]].transpose(2, 0, 1)
+    back = full.letterbox(index).invert(whole["mask"].numpy())
+    assert back.shape == truth.shape  # scaled down here: exact on 640 (test_geometry.py)
+    assert np.mean((back > 0.5) == truth) > 0.98
+    image, mask = whole["image"].numpy(), whole["mask"].numpy()
+    offsets = set()
+    for seed in range(12):
+        item = train[index, seed]
+        crop, crop_mask = item["image"].numpy(), item["mask"].numpy()
+        assert crop.shape == (3, 64, 96) and crop_mask.shape == (3, 64, 96)
+        found = [
+            (top, left)
+            for top in range(128 - 64 + 1)
+            for left in range(160 - 96 + 1)
+            if np.array_equal(image[:, top : top + 64, left : left + 96], crop)
+        ]
+        assert found, "the crop is not a window of the canvas"
+        assert any(
+            np.array_equal(mask[:, t : t + 64, left : left + 96], crop_mask) for t, left in found
+        )
+        offsets.add(found[0])
+    assert len(offsets) > 6  # the windows vary from one item seed to the next
+
+
+def test_first_place_2d_recipe_trains_on_448_windows_of_the_640_canvas(tiny_kaggle, cache) -> None:
+    from gitract.models.kind2d import KIND_2D
+
+    cfg = load_config(ROOT / "configs" / "recipe_1st_2d.yaml", ["data.num_workers=0"])
+    table = load_train_table(tiny_kaggle.root).iloc[:2]
+    train = KIND_2D.train_dataset(cfg, table, cache)
+    train.transform.set_random_seed(0)
+    item = train[0]
+    assert item["image"].shape == (3, 448, 448) and item["mask"].shape == (3, 448, 448)
+    whole = SliceDataset(table, cache, cfg.data)[0]  # validation and prediction
+    assert whole["image"].shape == (3, 640, 640) and whole["mask"].shape == (3, 640, 640)

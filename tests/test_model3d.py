@@ -71,6 +71,49 @@ def test_network_config_errors() -> None:
         config_from_dict({"model": unet, "data": {"patch_size": [24, 64, 64]}})
 
 
+def test_norm_and_act_options_build_those_layers() -> None:
+    # The 1st place's SegResNets: BatchNorm, PReLU, widths 12 / 20 / 32 (not multiples of 8,
+    # which only GroupNorm of 8 groups needs).
+    cfg = config_from_dict(
+        {"model": {"kind": "3d", "arch": "SegResNet", "init_filters": 12, "norm": "batch",
+                   "act": "prelu"}, "data": {"patch_size": [16, 32, 32]}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model3d(cfg.model)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.BatchNorm3d in kinds and nn.PReLU in kinds
+    assert nn.GroupNorm not in kinds and nn.ReLU not in kinds
+    logits = model(torch.rand(2, 1, 16, 32, 32))
+    _soft_dice_bce(logits, (torch.rand_like(logits) > 0.7).float()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # null keeps each network's own layers (and older checkpoints' configs rebuild as before).
+    default = {
+        type(m)
+        for m in build_model3d(ModelConfig(kind="3d", arch="SegResNet", init_filters=8)).modules()
+    }
+    assert nn.GroupNorm in default and nn.ReLU in default and nn.PReLU not in default
+    unet = {type(m) for m in build_model3d(ModelConfig(kind="3d", arch="UNet", init_filters=4))
+            .modules()}  # fmt: skip
+    assert nn.InstanceNorm3d in unet and nn.PReLU in unet
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"norm": "batch"}, "'model.norm' must be null for a 2.5D model (a 3D option"),
+        ({"act": "prelu"}, "'model.act' must be null for a 2.5D model (a 3D option"),
+        ({"kind": "3d", "norm": "layer"}, "'model.norm' must be 'group' | 'batch' | 'instance'"),
+        ({"kind": "3d", "arch": "UNet", "norm": "group", "init_filters": 12},
+         "model.init_filters: UNet needs a multiple of 8 (GroupNorm of 8 groups; model.norm "
+         "batch or instance takes any width), got 12"),
+    ],
+)  # fmt: skip
+def test_norm_and_act_errors(model: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": model}, source="x.yaml")
+    assert message in str(err.value)
+
+
 @pytest.mark.parametrize("name", ["default_3d", "demo_cpu_3d"])
 def test_3d_configs_load_and_fit_the_network(name: str) -> None:
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")

@@ -4,7 +4,10 @@ Real slices come in four sizes (266x266, 310x360, 276x276, 234x234 as H x W). Th
 canvas of 320x384 holds every one of them, so ``"pad"`` mode centres a slice on the canvas at
 native resolution and the inverse is a plain crop: no resampling of images or masks at all.
 A smaller canvas (the CPU demo) scales the slice down first, keeping its aspect ratio.
-``"resize"`` stretches to the canvas, as many public notebooks did.
+``"resize"`` stretches to the canvas, as many public notebooks did and as the 1st place's 2D
+models did on a 640 x 640 canvas (``configs/recipe_1st_2d.yaml``), which may then be trained on
+random windows of the canvas (``data.train_crop``, a training transform: the canvas and this
+inverse are the same with or without it).
 """
 
 from __future__ import annotations
@@ -43,11 +46,20 @@ class Letterbox:
     def apply(self, array: np.ndarray, nearest: bool = False) -> np.ndarray:
         """Put an (H, W) or (H, W, C) array on the canvas; zeros around it.
 
-        Masks go with ``nearest=True`` so they stay binary."""
+        Images: area averaging when shrinking (no aliasing of the noise), bilinear when
+        enlarging (``"resize"`` to a larger canvas, e.g. 640). Masks go with ``nearest=True``
+        so they stay binary, by cv2's INTER_NEAREST_EXACT: it samples at pixel centres like
+        the image's interpolation and :meth:`invert`'s bilinear does, where plain INTER_NEAREST
+        samples at pixel corners and shifts the mask by up to half a native pixel off the
+        image. With it a mask enlarged to the canvas comes back exactly (``invert``, then
+        ``> 0.5``) for every real slice size on a 640 x 640 canvas (tests/test_geometry.py)."""
         if array.shape[:2] != self.orig_hw:
             raise ValueError(f"array of shape {array.shape[:2]} does not match {self.orig_hw}")
         if self.scaled_hw != self.orig_hw:
-            interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+            shrink = all(s <= o for s, o in zip(self.scaled_hw, self.orig_hw, strict=True))
+            interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            if nearest:
+                interpolation = cv2.INTER_NEAREST_EXACT
             resized = cv2.resize(array, self.scaled_hw[::-1], interpolation=interpolation)
             # cv2 drops a trailing channel axis of size 1; put it back.
             array = resized.reshape(*self.scaled_hw, *array.shape[2:])

@@ -7,6 +7,7 @@ the volume's ends), intensity-normalised per case-day, placed on the model's can
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -156,13 +157,19 @@ class IntensityJitter(A.ImageOnlyTransform):
         return ("brightness", "contrast")
 
 
-def build_train_transform(train: TrainConfig) -> A.Compose:
+def build_train_transform(train: TrainConfig, crop_hw: Sequence[int] | None = None) -> A.Compose:
     """Augmentations on the canvas; masks follow every geometric step with nearest neighbour.
 
     Chosen to be cheap on one CPU core (well under 1 ms a sample on average at 320x384, see
     ``scripts/benchmark.py``) and to act: shift-scale-rotate (``aug_ssr``) and elastic
     deformation (``aug_distort``: pixels move by ~4 px on average; tests/test_dataset.py
     measures it) share one warp; brightness/contrast jitter works on the float image.
+
+    ``crop_hw`` (``data.train_crop``): last, a random (H, W) window of the augmented canvas,
+    the same window of image and mask, every offset equally likely. The crop is part of the
+    training transform only, so validation and inference see the whole canvas and go back to
+    each slice's own size through the unchanged :meth:`Letterbox.invert`; being a step of the
+    Compose, it draws from the stream that the per-item seeds reseed.
     """
     steps = [
         A.HorizontalFlip(p=train.aug_hflip),
@@ -170,6 +177,9 @@ def build_train_transform(train: TrainConfig) -> A.Compose:
         RandomWarp(p_affine=train.aug_ssr, p_elastic=train.aug_distort),
         IntensityJitter(brightness=0.1, contrast=0.1, p=train.aug_brightness),
     ]
+    if crop_hw is not None:
+        height, width = (int(s) for s in crop_hw)
+        steps.append(A.RandomCrop(height=height, width=width, p=1.0))
     return A.Compose([s for s in steps if s.p > 0])
 
 
@@ -180,7 +190,8 @@ class SliceDataset(Dataset):
     ``data.z_channel`` the slice's relative position in its case-day (index / depth, constant over
     the canvas and untouched by augmentation); ``mask`` (3, tH, tW) float32 when the cache has
     masks; ``id``; ``orig_hw`` (2,) long, which inference needs to go back to the slice's own
-    size; ``index`` into ``table``.
+    size; ``index`` into ``table``. The arrays are the canvas's size (tH, tW), or a training
+    transform's crop of it (``data.train_crop``, :func:`build_train_transform`).
     """
 
     def __init__(

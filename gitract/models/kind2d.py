@@ -189,7 +189,10 @@ class Kind2D(ModelKind):
         return table
 
     def train_dataset(self, cfg: Config, table: pd.DataFrame, cache: VolumeCache) -> Dataset:
-        return SliceDataset(table, cache, cfg.data, build_train_transform(cfg.train))
+        # data.train_crop: training items are random windows of the canvas; validation and
+        # prediction (predict_slices) build their datasets without it, on the whole canvas.
+        transform = build_train_transform(cfg.train, cfg.data.train_crop)
+        return SliceDataset(table, cache, cfg.data, transform)
 
     def predictor(
         self, models: Sequence[nn.Module], cfg: Config, precision: Precision, *,

@@ -23,6 +23,14 @@ __all__ = ["ARCHS_3D", "build_model3d"]
 
 #: The MONAI networks ``model.arch`` may name for ``model.kind: 3d`` (matched case-insensitively).
 ARCHS_3D = ("SegResNet", "UNet")
+#: ``model.norm`` and ``model.act`` as MONAI layer specs. BatchNorm and PReLU are the 1st place's
+#: SegResNets' (batches of 4 patches); GroupNorm does not depend on the batch size.
+_NORMS: dict[str, str | tuple] = {
+    "group": ("GROUP", {"num_groups": 8}),
+    "batch": "BATCH",
+    "instance": "INSTANCE",
+}
+_ACTS: dict[str, str | tuple] = {"relu": ("RELU", {"inplace": True}), "prelu": "PRELU"}
 
 
 def _arch_key(arch: str) -> str:
@@ -43,8 +51,10 @@ def build_model3d(model_cfg: ModelConfig, classes: int = 3) -> nn.Module:
     """MONAI network for (N, 1, D, H, W) float input -> (N, classes, D, H, W) logits.
 
     ``model_cfg.arch`` names the network (SegResNet or UNet), ``model_cfg.init_filters`` the
-    channels of its first level (doubled at each level down; the config checks that
-    SegResNet's, for its GroupNorm of 8 groups, is a multiple of 8).
+    channels of its first level (doubled at each level down; the config checks that they are
+    a multiple of 8 under GroupNorm of 8 groups), ``model_cfg.norm`` and ``model_cfg.act`` its
+    layers (null: the network's own, GroupNorm + ReLU for SegResNet, InstanceNorm + PReLU for
+    UNet, as before these options).
     """
     try:  # MONAI imports slowly (and is an extra): only when a 3D model is built
         from monai.networks.nets import SegResNet, UNet
@@ -55,6 +65,7 @@ def build_model3d(model_cfg: ModelConfig, classes: int = 3) -> nn.Module:
 
     key = _arch_key(model_cfg.arch)
     filters = model_cfg.init_filters
+    norm = _NORMS[model_cfg.norm_3d()]
     if key == "segresnet":
         return SegResNet(
             spatial_dims=3,
@@ -63,7 +74,8 @@ def build_model3d(model_cfg: ModelConfig, classes: int = 3) -> nn.Module:
             out_channels=classes,
             blocks_down=(1, 2, 2, 4),
             blocks_up=(1, 1, 1),
-            norm=("GROUP", {"num_groups": 8}),
+            norm=norm,
+            act=_ACTS[model_cfg.act or "relu"],
         )
     return UNet(
         spatial_dims=3,
@@ -72,5 +84,6 @@ def build_model3d(model_cfg: ModelConfig, classes: int = 3) -> nn.Module:
         channels=tuple(filters * 2**k for k in range(5)),
         strides=(2, 2, 2, 2),
         num_res_units=2,
-        norm="INSTANCE",
+        norm=norm,
+        act=_ACTS[model_cfg.act or "prelu"],
     )
