@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +17,16 @@ import pytest
 import torch
 from torch import nn
 
-from gitract.config import config_to_dict, load_config
+from gitract.config import PostprocessConfig, config_to_dict, load_config
 from gitract.data.layout import load_train_table
 from gitract.errors import DataError
-from gitract.inference.blend import blend_spec, read_ensemble
+from gitract.inference.blend import (
+    BlendSpec,
+    MemberSpec,
+    blend_spec,
+    read_ensemble,
+    write_ensemble,
+)
 from gitract.inference.submission import OOF_PROBS_DIR, infer_oof
 from gitract.postprocess.selection import greedy_weights, select_blend
 from gitract.postprocess.steps import (
@@ -28,6 +34,7 @@ from gitract.postprocess.steps import (
     ClassPostprocess,
     load_postprocess,
     quantize,
+    save_postprocess,
 )
 from gitract.postprocess.tuning import OofSearch, case_day_folds
 from gitract.scoring.files import score_profiles
@@ -149,14 +156,14 @@ def _random_run(cfg, runs: Path, seed: int, folds=(0, 1)) -> Path:
 
 
 def _test_set_of_fold(data: Path, folds_csv: Path, fold: int, out: Path) -> Path:
-    """A data folder whose test/ is fold ``fold``'s train cases (links) and whose
+    """A data folder whose test/ is fold ``fold``'s train cases (copies) and whose
     sample_submission.csv lists their slices: what inference then predicts is the OOF."""
     (out / "test").mkdir(parents=True)
     folds = pd.read_csv(folds_csv)
     rows = folds[folds["fold"] == fold]
     for case in sorted(rows["case"].unique()):
-        os.symlink(data / "train" / f"case{case}", out / "test" / f"case{case}")
-    os.symlink(data / "train.csv", out / "train.csv")
+        shutil.copytree(data / "train" / f"case{case}", out / "test" / f"case{case}")
+    shutil.copy(data / "train.csv", out / "train.csv")
     ids = rows.sort_values(["case", "day", "slice"])["id"]
     sample = pd.DataFrame(
         [(i, c, "") for i in ids for c in ("large_bowel", "small_bowel", "stomach")],
@@ -208,22 +215,40 @@ def test_selected_ensemble_reproduces_its_oof_scores_through_infer(synthetic_set
     for fold in (0, 1):
         data = _test_set_of_fold(synthetic_set.root, synthetic_set.folds_csv, fold,
                                  tmp_path / f"fold{fold}_as_test")  # fmt: skip
-        sub = tmp_path / f"sub{fold}.csv"
-        _script(
-            "infer.py", "--ensemble", str(out), "--folds", str(fold), "--data-dir", str(data),
-            "--out", str(sub), "--no-progress", "--config", str(DEMO), "--set", *FAST_2D,
-            cwd=tmp_path,
-        )  # fmt: skip
-        labels = synthetic_set.root / "train.csv"
-        scored = score_profiles(sub, data, labels, ["kaggle"])["kaggle"]
+        sub = _infer(out, fold, data, tmp_path)
+        # The truth: train.csv's rows of the case-days the submission covers.
+        scored = score_profiles(sub, synthetic_set.root, None, ["kaggle"])["kaggle"]
         assert scored["score"] == _chosen(report)["full"]["per_fold"][str(fold)]
         subs.append(pd.read_csv(sub, dtype=str, keep_default_na=False))
     both = tmp_path / "both.csv"
     pd.concat(subs).to_csv(both, index=False)
-    scored = score_profiles(both, synthetic_set.root, synthetic_set.root / "train.csv", ["kaggle"])
+    scored = score_profiles(both, synthetic_set.root, None, ["kaggle"])
     assert scored["kaggle"]["score"] == report["score"]
     params = load_postprocess(spec.dir, cfg.postprocess).model_dump()
-    assert params == report["classes"]
+    assert params == report["classes"] == _chosen(report)["classes"]
+
+    # Every reported trial is reproducible, a true blend too: the equal-weight one, as an
+    # ensemble file with its own tuned settings, on fold 0.
+    equal = report["equal_blend"]
+    blend = BlendSpec(tuple(MemberSpec(r, 1.0) for r in runs), tmp_path / "runs" / "equal")
+    save_postprocess(
+        PostprocessConfig.model_validate(equal["classes"]), blend.dir / POSTPROCESS_FILE
+    )
+    write_ensemble(blend, tmp_path / "equal.yaml")
+    sub = _infer(tmp_path / "equal.yaml", 0, tmp_path / "fold0_as_test", tmp_path)
+    scored = score_profiles(sub, synthetic_set.root, None, ["kaggle"])["kaggle"]
+    assert scored["score"] == equal["full"]["per_fold"]["0"]
+
+
+def _infer(ensemble: Path, fold: int, data: Path, tmp_path: Path) -> Path:
+    """infer.py --ensemble with fold ``fold``'s models on ``data``'s test set."""
+    sub = tmp_path / f"sub_{ensemble.stem}_{fold}.csv"
+    _script(
+        "infer.py", "--ensemble", str(ensemble), "--folds", str(fold), "--data-dir", str(data),
+        "--out", str(sub), "--no-progress", "--config", str(DEMO), "--set", *FAST_2D,
+        cwd=tmp_path,
+    )  # fmt: skip
+    return sub
 
 
 def _chosen(report: dict) -> dict:

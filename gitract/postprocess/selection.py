@@ -112,10 +112,10 @@ def select_blend(
     higher once fully tuned), ``history`` (the greedy rounds), ``gain`` (the chosen blend's
     score minus the best run's alone, pooled and per fold) and the trials ``members`` (one
     per run), ``equal_blend`` and ``selected``, each with ``weights``, ``thresholds`` (the
-    greedy criterion) and ``full`` (the exact score after the full search: score, dice,
-    hausdorff and, with ``folds``, per_fold); ``selected`` also has ``untuned`` and
-    ``thresholds_only``. Plus ``n_case_days``, ``n_slices`` and ``left_out`` (case-day
-    files that only some runs have)."""
+    greedy criterion), ``full`` (the exact score after the full search: score, dice,
+    hausdorff and, with ``folds``, per_fold) and ``classes`` (that search's settings);
+    ``selected`` also has ``untuned`` and ``thresholds_only``. Plus ``n_case_days``,
+    ``n_slices`` and ``left_out`` (case-day files that only some runs have)."""
     n = len(member_dirs)
     with OofSearch(member_dirs, table, profile, grid, workers, folds) as search:
         selected, history, alone = greedy_weights(search, max_weight, progress)
@@ -138,7 +138,12 @@ def select_blend(
         trials += [(selected, _UNTUNED), (selected, tuned[_share(selected)][0])]
         exact = dict(zip([*named, "untuned", "thresholds_only"], search.exact(trials), strict=True))
     report = {
-        name: {"weights": named[name], "thresholds": thresholds[name], "full": exact[name]}
+        name: {
+            "weights": named[name],
+            "thresholds": thresholds[name],
+            "full": exact[name],
+            "classes": section(full[name]).model_dump(),
+        }
         for name in named
     }
     report["selected"]["untuned"] = exact["untuned"]
