@@ -4,6 +4,9 @@ with no float volume copied to the host on the way."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +131,20 @@ def test_the_default_validation_days_move_numpy_days_to_the_device(setup) -> Non
     assert day.case_day == "case1_day1" and day.ids == ["a", "b"]
     assert day.probs.device == loop.precision.device and day.probs.shape == (2, 3, 4, 5)
     assert np.array_equal(day.probs.cpu().numpy(), _RAMP)
+
+
+def test_quick_val3d_benchmark_agrees_and_reports_both_paths(tmp_path: Path) -> None:
+    """scripts/benchmark.py's val3d part at tiny sizes: the old and the device scoring agree
+    (the benchmark asserts it) and both timings are reported."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--only", "val3d",
+         "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in ("before", "after"):
+        seconds = results[f"val3d_seconds_per_case_day_{key}"]
+        assert seconds > results["val3d_predict_seconds"] > 0, key
+    assert results["val3d_case_day"][0] == 16
