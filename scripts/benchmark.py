@@ -610,7 +610,7 @@ def _validate_volumes_before(
     return metrics
 
 
-def bench_val3d(sizes: Sizes, work: Path, rounds: int = 3) -> dict[str, Any]:
+def bench_val3d(sizes: Sizes, work: Path, rounds: int = 5) -> dict[str, Any]:
     """Validation of one long case-day before and after its scoring moved to the device.
 
     The prediction (sliding windows, the bulk of the time on a CPU) is the same code with the
