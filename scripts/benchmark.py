@@ -27,6 +27,12 @@ Each result is a ratio, so it means the same on a slow or a busy machine:
 - patch_loader_speedup: 3D training patches/s per core (default_3d.yaml's 256x256 grid and
   80x160x160 patch) of PatchDataset, cut from the case-days resampled once to the grid, vs
   resizing every slice a patch spans (NaivePatchDataset, the same patches); one thread.
+- val3d_seconds_per_case_day_before / _after: seconds to validate one 144 x 266 x 266 case-day
+  (default_3d.yaml's sliding windows and flip TTA, a SegResNet of 8 filters, the CPU): the
+  prediction, timed once (the same code and values on both sides), plus the scoring of it by
+  the validation before (numpy probabilities, loss and Dice/IoU on the host; kept here as
+  _validate_volumes_before) and now (gitract.training.engine.validate_volumes: on the model's
+  device, here also the CPU). val3d_scoring_speedup: the two scorings' ratio.
 - ema_step_ratio: milliseconds per training step (forward, backward, AdamW) of default.yaml's
   B7 U-Net with its weights' moving average over without one; ema_step_ratio_timm: the same
   with timm's ModelEmaV3, which rebuilds two state dicts at every step.
@@ -49,6 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import cv2
 import numpy as np
@@ -74,13 +81,17 @@ from gitract.data.slices import SliceDataset, build_train_transform
 from gitract.data.synthetic import generate
 from gitract.inference.submission import infer_test
 from gitract.models.checkpoint import find_checkpoints
+from gitract.models.kind import DayPrediction
 from gitract.models.kind2d import Ensemble
+from gitract.models.kind3d import Kind3D, Predictor3D
 from gitract.models.smp2d import build_model
 from gitract.postprocess.selection import select_blend
 from gitract.postprocess.steps import quantize
 from gitract.postprocess.tuning import tune_postprocess
-from gitract.scoring.metrics import hausdorff_3d
+from gitract.scoring.metrics import SegMetricAccumulator, VolumeScoreAccumulator, hausdorff_3d
+from gitract.training.distributed import DistContext
 from gitract.training.ema import ModelEma
+from gitract.training.engine import Loop, build_loop, validate_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ANNOTATIONS = ROOT.parent / "shared" / "real" / "uwmgi_annotations_subset.csv"
@@ -120,13 +131,14 @@ class Sizes:
     patch_items: int = 8
     patch_overrides: tuple[str, ...] = ()
     ema_config: Path = ROOT / "configs" / "default.yaml"
+    val3d_slices: int = 144  # a long case-day; QUICK uses the patch grid of patch_overrides
 
 
 FULL = Sizes(5, 3, 32, 120, 4, 32, 274, (144, 266, 266))
 QUICK = Sizes(
     2, 2, 12, 16, 3, 8, 12, (48, 96, 96), 4, (64, 64), ("data.img_size=[64, 64]",),
     16, 4, ("data.grid_hw=[64, 64]", "data.patch_size=[16, 48, 48]"),
-    ROOT / "configs" / "demo_cpu.yaml",
+    ROOT / "configs" / "demo_cpu.yaml", 16,
 )  # fmt: skip
 
 
@@ -617,6 +629,84 @@ def bench_ema(sizes: Sizes, steps: int = 3) -> dict[str, Any]:
     }
 
 
+def _validate_volumes_before(
+    loop: Loop, days: Sequence[DayPrediction], cache: VolumeCache
+) -> dict[str, float]:
+    """validate_volumes' scoring as it was before it moved to the model's device: each day's
+    numpy probabilities (copied to the host by the predictor) scored on the CPU, the truth in
+    float32, the loss from their logits, Dice/IoU and the thresholds on the float volumes."""
+    cfg = loop.cfg
+    acc = SegMetricAccumulator(CLASSES, threshold=cfg.train.threshold)
+    scorer = VolumeScoreAccumulator(cfg.train.select_metric)
+    loss_sum, n_seen = 0.0, 0
+    for day in days:
+        ids, probs = day.ids, day.probs
+        truth = np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]).astype(np.float32)
+        p, t = torch.from_numpy(probs), torch.from_numpy(truth)
+        logits = torch.logit(p.clamp(1e-6, 1 - 1e-6))
+        loss_sum += loop.loss_fn(logits, t).item() * len(ids)
+        n_seen += len(ids)
+        acc.update(p, t)
+        scorer.add(probs > cfg.train.threshold, truth.astype(bool))
+    metrics = {"val_loss": loss_sum / max(n_seen, 1)}
+    metrics.update({f"val_{k}": v for k, v in acc.compute().items()})
+    result = scorer.compute()
+    metrics["val_score"], metrics["val_hausdorff"] = result["score"], result["hausdorff"]
+    return metrics
+
+
+def bench_val3d(sizes: Sizes, work: Path, rounds: int = 5) -> dict[str, Any]:
+    """Validation of one long case-day before and after its scoring moved to the device.
+
+    The prediction (sliding windows, the bulk of the time on a CPU) is the same code with the
+    same values on both sides (the old path only added a host copy, free on the CPU), so it is
+    run once and its seconds added to each side's scoring, which is timed on that prediction
+    (best of ``rounds``, interleaved)."""
+    data = work / "val3d_data"
+    generate(data, work / "val3d_labels", 2, sizes.val3d_slices, seed=0)
+    overrides = ["model.init_filters=8", "train.amp=false", "data.num_workers=0"]
+    cfg = load_config(ROOT / "configs" / "default_3d.yaml", [*overrides, *sizes.patch_overrides])
+    table = load_train_table(data, cfg.data.exclude)
+    depth = table.groupby("case_day")["slice"].transform("size")
+    longest = table[depth == depth.max()]
+    pick = longest.sort_values(["height", "case", "day"]).iloc[0]["case_day"]  # 266 x 266 first
+    day = table[table["case_day"] == pick].sort_values(["case", "day", "slice"])
+    cache = VolumeCache(day, work / "val3d_cache", with_masks=True, progress=False)
+    torch.manual_seed(0)
+    loop, state = build_loop(cfg, DistContext(0, 1, 0, torch.device("cpu")), 1, progress=False)
+    model = state.model.eval()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        (device_day,) = Predictor3D([model], cfg, loop.precision).device_days(day, cache)
+        predict_s = time.perf_counter() - start
+    # What the predictor's days() yields: the same tensor, as numpy on the host.
+    host_day = DayPrediction(pick, device_day.ids, device_day.probs.cpu().numpy())
+
+    def after() -> int:
+        with patch.object(Kind3D, "validation_days", lambda *args: iter([device_day])):
+            results["after"] = validate_volumes(loop, day, cache, model)
+        return 1
+
+    def before() -> int:
+        results["before"] = _validate_volumes_before(loop, [host_day], cache)
+        return 1
+
+    results: dict[str, dict[str, float]] = {}
+    new, old = best_rates([after, before], rounds)
+    for key, value in results["before"].items():
+        assert math.isclose(results["after"][key], value, rel_tol=1e-6, abs_tol=1e-9), key
+    return {
+        "val3d_seconds_per_case_day_before": predict_s + 1 / old,
+        "val3d_seconds_per_case_day_after": predict_s + 1 / new,
+        "val3d_predict_seconds": predict_s,
+        "val3d_scoring_seconds_before": 1 / old,
+        "val3d_scoring_seconds_after": 1 / new,
+        "val3d_scoring_speedup": new / old,
+        "val3d_case_day": [len(day), int(day["height"].iloc[0]), int(day["width"].iloc[0])],
+        "val3d_threads": torch.get_num_threads(),
+    }
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -658,6 +748,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PARTS = ["rle", "loader", "patches", "ema", "val3d", "training", "metric", "tuning", "selection"]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
@@ -666,7 +759,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["rle", "loader", "patches", "ema", "training", "metric", "tuning", "selection"],
+        choices=PARTS,
         help="run only these parts (inference needs training)",
     )
     return parser.parse_args()
@@ -675,8 +768,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     sizes = QUICK if args.quick else FULL
-    every = ["rle", "loader", "patches", "ema", "training", "metric", "tuning", "selection"]
-    parts = set(args.only or every)
+    parts = set(args.only or PARTS)
     results: dict[str, Any] = {"quick": args.quick, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="gitract-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -691,6 +783,8 @@ def main() -> int:
         if "ema" in parts:
             results.update(bench_ema(sizes))
         results["seconds_rle_loader"] = time.perf_counter() - started
+        if "val3d" in parts:
+            results.update(bench_val3d(sizes, work))
         if "training" in parts:
             training = bench_training(sizes, work)
             data, runs = training.pop("_runs")["4n"]

@@ -23,7 +23,15 @@ from gitract.errors import CheckpointError, ConfigError
 from gitract.models.checkpoint import load_checkpoint, state_mismatch, strip_prefix
 from gitract.models.precision import Precision
 
-__all__ = ["FLIP_DIMS", "DayPrediction", "ForwardPlan", "ModelKind", "Predictor", "flip_views"]
+__all__ = [
+    "FLIP_DIMS",
+    "DayPrediction",
+    "DeviceDayPrediction",
+    "ForwardPlan",
+    "ModelKind",
+    "Predictor",
+    "flip_views",
+]
 
 #: Flip TTA views: the dimensions each flip reverses, the same on (N, C, H, W) and
 #: (N, C, D, H, W): hflip flips W (left-right), vflip flips H.
@@ -49,6 +57,17 @@ class DayPrediction:
     ids: list[str]
     probs: np.ndarray
     presence: np.ndarray | None = None
+
+
+@dataclass
+class DeviceDayPrediction:
+    """One case-day as whole-volume validation scores it: slice ids in slice order and float32
+    (D, 3, H, W) probabilities at the slices' own size, left on the device that predicted them
+    (a ~120 MB volume need not go to the host and back to be scored there)."""
+
+    case_day: str
+    ids: list[str]
+    probs: torch.Tensor
 
 
 class Predictor(Protocol):
@@ -152,6 +171,19 @@ class ModelKind(ABC):
     ) -> Predictor:  # fmt: skip
         """``models`` (one run's folds, of ``cfg``'s recipe) as one predictor of case-days at
         native size: the mean over folds and ``cfg.infer.tta_flips``."""
+
+    def validation_days(
+        self, models: Sequence[nn.Module], cfg: Config, precision: Precision,
+        table: pd.DataFrame, cache: VolumeCache,
+    ) -> Iterator[DeviceDayPrediction]:  # fmt: skip
+        """The case-days of ``table`` predicted exactly as :meth:`predictor`'s ``days`` predicts
+        them, each as a tensor on ``precision.device``: what whole-volume validation scores.
+
+        This default moves each day's numpy probabilities to the device once; a kind whose
+        predictor already holds them there overrides it to skip the trip through the host."""
+        device = precision.device
+        for day in self.predictor(models, cfg, precision).days(table, cache, progress=False):
+            yield DeviceDayPrediction(day.case_day, day.ids, torch.from_numpy(day.probs).to(device))
 
     @abstractmethod
     def forward_plan(self, cfg: Config, slices: int, case_days: int) -> ForwardPlan:

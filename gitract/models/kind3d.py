@@ -28,18 +28,23 @@ from gitract.data.cache import VolumeCache
 from gitract.data.layout import CLASSES
 from gitract.data.patches import PatchDataset, load_volume
 from gitract.errors import DataError
-from gitract.models.kind import DayPrediction, ForwardPlan, ModelKind, flip_views
+from gitract.models.kind import (
+    DayPrediction,
+    DeviceDayPrediction,
+    ForwardPlan,
+    ModelKind,
+    flip_views,
+)
 from gitract.models.monai3d import build_model3d
 from gitract.models.precision import Precision
 
 __all__ = ["KIND_3D", "PATCHES_PER_VOLUME", "Kind3D", "Predictor3D", "predict_volume3d",
-           "sliding_window_tiles"]  # fmt: skip
+           "predict_volume3d_tensor", "sliding_window_tiles"]  # fmt: skip
 
 #: Random patches drawn from each training case-day per epoch.
 PATCHES_PER_VOLUME = 4
 
 
-@torch.inference_mode()
 def predict_volume3d(
     models: Sequence[nn.Module],
     image: np.ndarray,
@@ -48,7 +53,23 @@ def predict_volume3d(
     infer_cfg: InferConfig,
     precision: Precision,
 ) -> np.ndarray:
-    """(D, gH, gW) normalised image -> float32 (D, 3, H, W) probabilities at ``native_hw``.
+    """(D, gH, gW) normalised image -> float32 (D, 3, H, W) numpy probabilities at
+    ``native_hw``: :func:`predict_volume3d_tensor`'s, copied to the host."""
+    probs = predict_volume3d_tensor(models, image, native_hw, data_cfg, infer_cfg, precision)
+    return probs.cpu().numpy().astype(np.float32, copy=False)
+
+
+@torch.inference_mode()
+def predict_volume3d_tensor(
+    models: Sequence[nn.Module],
+    image: np.ndarray,
+    native_hw: tuple[int, int],
+    data_cfg: DataConfig,
+    infer_cfg: InferConfig,
+    precision: Precision,
+) -> torch.Tensor:
+    """(D, gH, gW) normalised image -> float32 (D, 3, H, W) probabilities at ``native_hw``, an
+    inference-mode tensor on ``precision.device`` (validation scores it there).
 
     The mean of the sigmoid over ``models`` (used as they are: put them in eval mode first) and
     over the identity plus the views of ``infer_cfg.tta_flips``, each flipped back. Windows are
@@ -93,7 +114,7 @@ def predict_volume3d(
     if tuple(slices.shape[-2:]) != tuple(native_hw):
         size = (int(native_hw[0]), int(native_hw[1]))
         slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=False)
-    return slices.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32, copy=False)
+    return slices.clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -107,6 +128,14 @@ class Predictor3D:
     def days(
         self, table: pd.DataFrame, cache: VolumeCache, progress: bool = True
     ) -> Iterator[DayPrediction]:
+        """Each case-day of ``table`` (sorted by case, day, slice) as numpy probabilities."""
+        for day in self.device_days(table, cache):
+            probs = day.probs.cpu().numpy().astype(np.float32, copy=False)
+            yield DayPrediction(day.case_day, day.ids, probs, None)
+
+    def device_days(self, table: pd.DataFrame, cache: VolumeCache) -> Iterator[DeviceDayPrediction]:
+        """Each case-day of ``table`` (sorted by case, day, slice) as probabilities left on the
+        device (:func:`predict_volume3d_tensor`); a case-day's slices must share one size."""
         grid = (int(self.config.data.grid_hw[0]), int(self.config.data.grid_hw[1]))
         for case_day, rows in itertools.groupby(
             table[["id", "case_day", "height", "width"]].itertuples(index=False),
@@ -120,11 +149,11 @@ class Predictor3D:
                 )
             ids = [r.id for r in rows]
             image, _ = load_volume(cache, ids, grid, with_mask=False)
-            probs = predict_volume3d(
+            probs = predict_volume3d_tensor(
                 self.models, image, sizes.pop(), self.config.data, self.config.infer,
                 self.precision,
             )  # fmt: skip
-            yield DayPrediction(case_day, ids, probs, None)
+            yield DeviceDayPrediction(case_day, ids, probs)
 
 
 def sliding_window_tiles(shape: tuple[int, ...], patch: tuple[int, ...], overlap: float) -> int:
@@ -170,6 +199,13 @@ class Kind3D(ModelKind):
         batch_size: int | None = None, num_workers: int = 0,
     ) -> Predictor3D:  # fmt: skip
         return Predictor3D(list(models), cfg, precision)
+
+    def validation_days(
+        self, models: Sequence[nn.Module], cfg: Config, precision: Precision,
+        table: pd.DataFrame, cache: VolumeCache,
+    ) -> Iterator[DeviceDayPrediction]:  # fmt: skip
+        # The predictor's own tensors: the same values days() copies to the host.
+        return Predictor3D(list(models), cfg, precision).device_days(table, cache)
 
     def forward_plan(self, cfg: Config, slices: int, case_days: int) -> ForwardPlan:
         patch = tuple(int(s) for s in cfg.data.patch_size)

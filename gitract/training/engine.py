@@ -381,23 +381,36 @@ def validate_volumes(
     """Validation of whole case-days (``table``: this rank's, sorted by case, day, slice), each
     predicted by the kind's own predictor as at inference (a 3D model: sliding windows, flip
     TTA, back to the native size); loss, per-slice Dice/IoU and the competition score of the
-    volumes, summed over ranks."""
+    volumes, summed over ranks.
+
+    The loss and Dice/IoU run where the probabilities are, on the model's device (a 144-slice
+    case-day at native size is ~30M voxels over its 3 classes: ~1-2 s of CPU work). Only bool
+    masks cross between host and device: the truth, read on the host, goes up; the thresholded
+    prediction comes down for the 3D Hausdorff (scipy/OpenCV, on the host).
+
+    The loss is that of the prediction scored, the flip-averaged probability at native size:
+    a mean of sigmoids has no logit of its own, so the loss takes ``logit(p)`` with ``p``
+    clamped to [1e-6, 1 - 1e-6], exact to float32 rounding except that a voxel's BCE is
+    capped at -log(1e-6) = 13.8 (float32 sigmoids reach exactly 1). The network's logits
+    before the flip mean and the resize would be exact, but the loss of another prediction."""
     cfg = loop.cfg
+    device = loop.ctx.device
     model.eval()
     acc = SegMetricAccumulator(CLASSES, threshold=cfg.train.threshold)
     scorer = VolumeScoreAccumulator(cfg.train.select_metric)
     loss_sum, n_seen = 0.0, 0
-    days = kind_of(cfg).predictor([model], cfg, loop.precision).days(table, cache)
+    days = kind_of(cfg).validation_days([model], cfg, loop.precision, table, cache)
     n_days = table["case_day"].nunique()
     for day in tqdm(days, total=n_days, desc="validate", leave=False, disable=not loop.progress):
-        ids, probs = day.ids, day.probs
-        truth = np.stack([cache.mask(i).transpose(2, 0, 1) for i in ids]).astype(np.float32)
-        p, t = torch.from_numpy(probs), torch.from_numpy(truth)
-        logits = torch.logit(p.clamp(1e-6, 1 - 1e-6))  # the loss takes logits
-        loss_sum += loop.loss_fn(logits, t).item() * len(ids)
-        n_seen += len(ids)
-        acc.update(p, t)
-        scorer.add(probs > cfg.train.threshold, truth.astype(bool))
+        probs = day.probs.to(device)  # float32 (D, C, H, W); already there, so no copy
+        truth_host = np.stack([cache.mask(i).transpose(2, 0, 1) for i in day.ids]) != 0
+        truth = torch.from_numpy(truth_host).to(device)
+        pred = probs > cfg.train.threshold
+        logits = torch.logit(probs, eps=1e-6)  # clamps to [eps, 1 - eps] in the same pass
+        loss_sum += loop.loss_fn(logits, truth.float()).item() * len(day.ids)
+        n_seen += len(day.ids)
+        acc.update(pred, truth)  # bool masks: the same binarisation, not done twice
+        scorer.add(pred.cpu().numpy(), truth_host)
     acc.load_state(all_reduce_sum(acc.state(), loop.ctx))
     scorer.load_state(all_reduce_sum(scorer.state(), loop.ctx))
     totals = all_reduce_sum(torch.tensor([loss_sum, n_seen], dtype=torch.float64), loop.ctx)
