@@ -875,10 +875,10 @@ def run_stage(stage: Stage, check: Check, left: float) -> dict[str, Any]:
     ``status`` (ok, skipped, failed, timeout), ``seconds`` and ``budget_s``."""
     box = left if stage.budget is None else stage.budget
     if stage.budget is not None and stage.budget > left:
-        why = f"its {stage.budget:.0f} s time box does not fit in the {left:.0f} s left"
+        why = f"its {stage.budget:.3g} s time box does not fit in the {left:.3g} s left"
         return {"status": "skipped", "why": why, "budget_s": stage.budget}
     if stage.budget is None and left < stage.min_s:
-        why = f"{left:.0f} s left, it needs at least {stage.min_s:.0f} s"
+        why = f"{left:.3g} s left, it needs at least {stage.min_s:.3g} s"
         return {"status": "skipped", "why": why, "budget_s": None}
     out: dict[str, Any] = {}
     status: dict[str, Any] = {"status": "ok"}
@@ -887,7 +887,7 @@ def run_stage(stage: Stage, check: Check, left: float) -> dict[str, Any]:
         with time_box(box):
             stage.run(check, out)
     except StageTimeout:
-        status = {"status": "timeout", "why": f"ran past its {box:.0f} s time box; stopped"}
+        status = {"status": "timeout", "why": f"ran past its {box:.3g} s time box; stopped"}
     except Skip as e:
         status = {"status": "skipped", "why": str(e)}
     except Exception as e:  # any stage's error is its own result; the others still run
