@@ -992,6 +992,13 @@ def _check_args(args: argparse.Namespace) -> dict[str, float | None]:
         bad = [b for b in sizes if b < 1]
         if bad:
             raise ConfigError(f"{name} must be >= 1, got {bad[0]}")
+    from gitract.data.synthetic import MIN_SLICES
+
+    if args.cases < 2 or args.slices < MIN_SLICES:
+        raise ConfigError(
+            f"--cases must be >= 2 and --slices >= {MIN_SLICES} (the synthetic data's minimum), "
+            f"got {args.cases} and {args.slices}"
+        )
     if min(args.volume) < 1:
         raise ConfigError(f"--volume must be positive, got {args.volume}")
     if args.budget <= 0:

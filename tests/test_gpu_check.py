@@ -29,7 +29,8 @@ DEMO_3D = ROOT / "configs" / "demo_cpu_3d.yaml"
 TINY = [
     "--device", "cpu", "--config", str(DEMO), "--config-3d", str(DEMO_3D),
     "--img-size", "32", "32", "--set", "train.batch_size=4", "--set", "data.num_workers=0",
-    "--set-3d", "data.num_workers=1", "--set-3d", "data.patch_size=[16, 32, 32]",
+    "--set-3d", "data.num_workers=1", "--set-3d", "train.batch_size=2",
+    "--set-3d", "data.patch_size=[16, 32, 32]",
     "--set-3d", "data.grid_hw=[32, 32]", "--batch-sizes", "2", "4", "--batch-sizes-3d", "1", "2",
     "--steps", "2", "--volume", "20", "40", "40", "--compile-backend", "eager",
     "--cases", "3", "--slices", "8", "--budget", "600",
@@ -80,6 +81,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path: Path) -> None:
         (["--stages", "warp"], "--stages: unknown stage 'warp'; expected some of ['environment'"),
         (["--stage-budget", "ddp=x"], "--stage-budget 'ddp=x': expected NAME=SECONDS"),
         (["--batch-sizes-3d", "0"], "--batch-sizes-3d must be >= 1, got 0"),
+        (["--slices", "6"], "--cases must be >= 2 and --slices >= 8 (the synthetic data's"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(gpu_check, capsys, args, message) -> None:
@@ -125,6 +127,7 @@ def test_measuring_stages_run_on_the_cpu(tmp_path: Path) -> None:
     assert comp["budget_s"] > 300  # compile's box is what is left of the budget
 
 
+@pytest.mark.slow  # ~90 s on 2 busy cores: four short fits and a torchrun epoch
 def test_training_stages_run_on_the_cpu(tmp_path: Path) -> None:
     report, _ = _run(tmp_path, "recipe_fp16_nan_resume", "recipe_bf16", "ddp")
     for dtype, name in (("fp16", "recipe_fp16_nan_resume"), ("bf16", "recipe_bf16")):
