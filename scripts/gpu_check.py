@@ -190,13 +190,19 @@ class Check:
         the volume cache in the temp folder."""
         size = self.args.img_size
         overrides = [f"data.img_size=[{size[0]}, {size[1]}]"] if size else []
-        return load_config(self.args.config, [*overrides, *self._common(), *self.args.set, *extra])
+        return load_config(
+            self.args.config, [*overrides, *self.common_overrides(), *self.args.set, *extra]
+        )
 
     def cfg3d(self, *extra: str) -> Config:
         """``--config-3d`` with ``--set-3d`` and ``extra`` applied, its cache in the temp folder."""
-        return load_config(self.args.config_3d, [*self._common(), *self.args.set_3d, *extra])
+        return load_config(
+            self.args.config_3d, [*self.common_overrides(), *self.args.set_3d, *extra]
+        )
 
-    def _common(self) -> list[str]:
+    def common_overrides(self) -> list[str]:
+        """What every stage sets: random init (nothing to download), the cache in the temp
+        folder."""
         return ["model.encoder_weights=null", f"data.cache_dir={self.work / 'cache'}"]
 
     @property
@@ -746,7 +752,12 @@ def stage_ddp(check: Check, out: dict[str, Any]) -> None:
     nproc, backend, env_extra = ddp_plan(check.device, gpus)
     cfg = check.cfg2d()
     h, w = cfg.data.img_size
-    sets = [*check._common(), *check.args.set, "train.epochs=1", f"data.img_size=[{h},{w}]"]
+    sets = [
+        *check.common_overrides(),
+        *check.args.set,
+        "train.epochs=1",
+        f"data.img_size=[{h},{w}]",
+    ]
     cmd = [
         *launcher, "--standalone", f"--nproc_per_node={nproc}",
         str(ROOT / "scripts" / "train.py"), "--fold", "0", "--config", str(check.args.config),
