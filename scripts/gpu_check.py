@@ -1040,6 +1040,8 @@ def run_check(args: argparse.Namespace, device: torch.device, budgets: dict) -> 
     stages = default_stages(budgets)
     if args.stages:
         stages = [s for s in stages if s.name in args.stages]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as fit sets it: every stage times tuned kernels
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         check = Check(args, device, Path(tmp))
