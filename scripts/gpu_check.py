@@ -695,8 +695,9 @@ def measure_loader(check: Check, cfg: Config) -> dict[str, Any]:
         metrics = engine.train_one_epoch(loop, state, loader, epoch)
         _sync(device)
         seconds = time.perf_counter() - start
-    result.update(seconds=seconds, patches_per_s=patches / seconds,
-                  data_wait=metrics["data_wait"], peak_gib=_peak_gib(device))  # fmt: skip
+    wait = metrics["data_wait"]  # a share of the epoch, as history.csv logs it
+    result.update(seconds=seconds, patches_per_s=patches / seconds, data_wait=wait,
+                  data_wait_s=wait * seconds, peak_gib=_peak_gib(device))  # fmt: skip
     return result
 
 

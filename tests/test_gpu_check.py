@@ -119,6 +119,7 @@ def test_measuring_stages_run_on_the_cpu(tmp_path: Path) -> None:
     loader = d3["loader"]
     assert loader["num_workers"] == 1 and loader["patches_per_s"] > 0
     assert 0 <= loader["data_wait"] <= 1 and loader["model_only_patches_per_s"] > 0
+    assert 0 <= loader["data_wait_s"] <= loader["seconds"]
     window = s["sliding_window"]
     assert window["grid"] == [20, 32, 32] and window["windows"] >= 2
     assert window["tta_views"] == 2 and window["seconds_per_case_day"] > 0
