@@ -1,8 +1,10 @@
 """DistributedDataParallel plumbing: one process per device under ``torchrun``, or a plain run.
 
 ``torchrun --nproc_per_node=N scripts/train.py ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; we
-then join the process group (nccl on CUDA, gloo on CPU), each rank trains on its share of the
-batches, metrics are summed across ranks, and only rank 0 writes files.
+then join the process group (nccl on CUDA, gloo on CPU; ``GITRACT_DIST_BACKEND=gloo`` chooses gloo
+on CUDA too, which lets two ranks share one GPU, as ``scripts/gpu_check.py`` runs them), each
+rank trains on its share of the batches, metrics are summed across ranks, and only rank 0
+writes files.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ __all__ = [
     "cleanup_distributed",
     "init_distributed",
     "launch_env",
+    "pick_backend",
     "resolve_num_workers",
 ]
 
 # NCCL's default is 10 minutes: generous for a collective, short for a slow first epoch's
 # validation on a big set. Collectives that hang for real still end, just later.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: Environment variable that overrides the process-group backend (``gloo`` or ``nccl``).
+BACKEND_ENV = "GITRACT_DIST_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -75,17 +80,28 @@ def resolve_num_workers(num_workers: int | None, local_world_size: int = 1) -> i
     return share if share <= 4 else min(8, share - 1)
 
 
+def pick_backend(use_cuda: bool) -> str:
+    """The process group's backend: ``$GITRACT_DIST_BACKEND`` when set, else nccl on CUDA and
+    gloo on the CPU. NCCL refuses two ranks on one GPU; gloo takes them (slower, for checks)."""
+    backend = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if backend and backend not in ("gloo", "nccl"):
+        raise ValueError(f"${BACKEND_ENV}={backend!r}: expected gloo or nccl")
+    return backend or ("nccl" if use_cuda else "gloo")
+
+
 def init_distributed() -> DistContext:
-    """Join the process group if launched by torchrun; pick this rank's device."""
+    """Join the process group if launched by torchrun; pick this rank's device (local rank
+    modulo the visible GPUs: more ranks than GPUs share them, which only gloo allows)."""
     rank, world_size, local_rank, _ = launch_env()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=DEFAULT_TIMEOUT)
+        dist.init_process_group(backend=pick_backend(use_cuda), timeout=DEFAULT_TIMEOUT)
     return DistContext(rank, world_size, local_rank, device)
 
 

@@ -528,7 +528,7 @@ def _wrap(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
     net = model
     if ctx.enabled:
         net = DistributedDataParallel(
-            net, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+            net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
         )
     if cfg.train.compile:
         net = torch.compile(net)
