@@ -189,7 +189,10 @@ class Check:
         """``--config`` with ``--img-size``, ``--set`` and ``extra`` applied, random init,
         the volume cache in the temp folder."""
         size = self.args.img_size
-        overrides = [f"data.img_size=[{size[0]}, {size[1]}]"] if size else []
+        # A canvas of its own: a crop sized for the config's canvas may no longer fit in it.
+        overrides = (
+            [f"data.img_size=[{size[0]}, {size[1]}]", "data.train_crop=null"] if size else []
+        )
         return load_config(
             self.args.config, [*overrides, *self.common_overrides(), *self.args.set, *extra]
         )
@@ -753,11 +756,13 @@ def stage_ddp(check: Check, out: dict[str, Any]) -> None:
     nproc, backend, env_extra = ddp_plan(check.device, gpus)
     cfg = check.cfg2d()
     h, w = cfg.data.img_size
+    crop = cfg.data.train_crop
     sets = [
         *check.common_overrides(),
         *check.args.set,
         "train.epochs=1",
         f"data.img_size=[{h},{w}]",
+        "data.train_crop=" + ("null" if crop is None else f"[{crop[0]},{crop[1]}]"),
     ]
     cmd = [
         *launcher, "--standalone", f"--nproc_per_node={nproc}",
@@ -972,7 +977,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--config-3d", type=Path, default=DEFAULT_CFG_3D, help="the 3D recipe")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="2.5D config override")
     add("--set-3d", action="append", default=[], metavar="KEY=VALUE", help="3D config override")
-    add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="2.5D size (the config's)")
+    add("--img-size", type=int, nargs=2, metavar=("H", "W"), help="2.5D canvas, no crop")
     add("--batch-sizes", type=int, nargs="+", default=[16, 32], help="2.5D (default: %(default)s)")
     add("--batch-sizes-3d", type=int, nargs="+", default=[2, 4, 8], help="(default: %(default)s)")
     add("--steps", type=int, default=5, help="timed steps per size (default: %(default)s)")
