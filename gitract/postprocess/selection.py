@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from gitract.postprocess.steps import ClassPostprocess
 from gitract.postprocess.tuning import DEFAULT_SWEEPS, OofSearch, section
 
-__all__ = ["DEFAULT_MAX_WEIGHT", "select_blend"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "greedy_weights", "select_blend"]
 
 # Additions of the greedy search at most (its weights sum to at most this): enough for weights
 # in steps of 0.1 between two runs, few enough to keep the search minutes long at real scale.
