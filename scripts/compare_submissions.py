@@ -78,7 +78,10 @@ def main() -> None:
         if "selected" not in scores or len(scores) < 2:
             continue
         best = max((n for n in scores if n != "selected"), key=scores.__getitem__)
-        verdict = "beats" if scores["selected"] > scores[best] else "does NOT beat"
+        selected = scores["selected"]
+        verdict = {True: "beats", False: "does NOT beat"}[selected > scores[best]]
+        if selected == scores[best]:
+            verdict = "equals"
         print(
             f"{profile}: on the test set the selected blend ({scores['selected']:.5f}) {verdict} "
             f"the best run alone ({best}, {scores[best]:.5f})"
