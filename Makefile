@@ -59,7 +59,7 @@ demo: data folds
 		--labels $(LABELS_DIR)/test_labels.csv --data-dir $(DATA_DIR) --out-dir $(DEMO_RUNS)/fold0
 	@echo "== training curves: $(DEMO_RUNS)/fold0/curves.png"
 
-# Blend selection on the demo data (~25 minutes on 2 cores): four candidate runs trained on
+# Blend selection on the demo data (about an hour on 2 cores): four candidate runs trained on
 # fold 0 (the demo's 2.5D model, the same with a classification head, the same with the
 # z-channel, and a 3D model), each predicted out of fold; evaluate.py --select then picks the
 # blend (greedy, with weights) and tunes it on that OOF evidence, per profile, and prints its
