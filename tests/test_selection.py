@@ -44,7 +44,6 @@ DEMO = ROOT / "configs" / "demo_cpu.yaml"
 CPU = torch.device("cpu")
 FAST_2D = ["data.img_size=[32, 32]", "data.num_workers=0", "infer.batch_size=16"]
 LAYOUT = [(1, 0, 4, 48, 40), (2, 0, 3, 44, 44), (3, 1, 5, 40, 40), (4, 2, 1, 40, 40)]
-FOLDS = {"case1_day0": 0, "case2_day0": 0, "case3_day1": 1, "case4_day2": 1}
 
 
 def _write_member(tiny, folder: Path, make) -> Path:
@@ -82,7 +81,7 @@ def _brute_force(search: OofSearch, max_weight: int) -> tuple[float, set]:
     for weights in itertools.product(range(max_weight + 1), repeat=n):
         if not 0 < sum(weights) <= max_weight:
             continue
-        share = tuple(round(w / sum(weights), 9) for w in weights)
+        share = _share(weights)
         if share in scores:
             continue
         search.blend(weights)

@@ -555,8 +555,10 @@ class OofSearch:
         """Search on the blend of the members with ``weights`` (0: left out) from now on."""
         if len(weights) != len(self.member_dirs) or not any(w > 0 for w in weights):
             raise ValueError(f"one weight per member, some > 0: got {list(weights)}")
-        self.weights = tuple(float(w) for w in weights)
-        self.pool.ask("blend", self.weights)
+        weights = tuple(float(w) for w in weights)
+        if weights != self.weights:  # re-blending every case-day is the costly part
+            self.weights = weights
+            self.pool.ask("blend", self.weights)
 
     def steps(self, names: Sequence[str]) -> list[str]:
         """The grid's steps among ``names`` that apply to the current blend (``gate_cls`` only
