@@ -451,6 +451,7 @@ def tuned(oof, synthetic_set):
     result = _evaluate(
         "--tune", "--runs", str(oof.runs), "--data-dir", str(synthetic_set.root), "--no-progress",
         "--thresholds", "0.3", "0.5", "--min-sizes", "0", "25",
+        "--folds-csv", str(synthetic_set.folds_csv),  # not the repo's folds/ of a real set
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()

@@ -222,6 +222,31 @@ def test_both_distance_paths_equal_brute_force_on_many_random_masks(path):
         assert max_distance(b, points, spacing) == pytest.approx(expected, abs=1e-12)
 
 
+def test_directed_distance_above_a_floor_is_exact_and_below_it_stays_below():
+    """``at_least`` (a distance the caller already has) and the ``planes`` cache: the result
+    is the brute-force distance when that exceeds the floor, else at most the floor; the
+    cache, filled by earlier masks, changes nothing."""
+    rng = np.random.default_rng(12)
+    planes: dict = {}
+    for _ in range(80):
+        shape = (int(rng.integers(1, 9)), *(int(rng.integers(2, 12)),) * 2)
+        a = rng.random(shape) < 10 ** rng.uniform(-2, -0.3)
+        b = rng.random(shape) < 10 ** rng.uniform(-2, -0.3)
+        a.flat[rng.integers(a.size)] = b.flat[rng.integers(b.size)] = True
+        spacing = tuple(1.0 / n for n in shape)
+        pa = np.argwhere(a & ~b) * spacing
+        pb = np.argwhere(b) * spacing
+        true = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1)).min(1).max() if len(pa) else 0.0
+        for floor in (0.0, true * 0.5, true, true * 1.5):
+            got = metrics.directed_distance(a, b, spacing, planes, at_least=floor)
+            if true > floor:
+                assert got == pytest.approx(true, abs=1e-12)
+            else:
+                assert got <= floor + 1e-12
+        if len(planes) > 200:
+            planes.clear()
+
+
 @pytest.mark.parametrize("shape", [(9, 15, 15), (9, 15, 17)])
 def test_hausdorff_3d_farthest_voxel_can_lie_inside_the_mask(shape):
     """A solid ball inside a hollow shell: the ball's centre is its voxel farthest from the

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from gitract.postprocess.steps import (
     ClassPostprocess,
@@ -13,6 +15,7 @@ from gitract.postprocess.steps import (
     postprocess_volume,
     quantize,
     remove_small_components,
+    remove_small_volumes,
 )
 
 
@@ -79,6 +82,24 @@ def test_remove_small_components_drops_only_those_below_min_size(min_size, kept)
 def test_remove_small_components_leaves_empty_masks_alone() -> None:
     empty = np.zeros((5, 7), np.uint8)
     assert np.array_equal(remove_small_components(empty, 10), empty)
+
+
+def test_small_components_of_a_stack_are_those_of_each_slice() -> None:
+    """A (D, H, W) stack is cleaned slice by slice: equal to OpenCV's labelling of each slice
+    alone, on random masks whose components touch the stack's edges and neighbouring slices."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        shape = tuple(int(n) for n in rng.integers(1, 14, 3))
+        masks = rng.random(shape) < rng.uniform(0.05, 0.6)
+        min_size = int(rng.integers(2, 9))
+        expected = np.zeros_like(masks)
+        for z, plane in enumerate(masks.view(np.uint8)):
+            _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8)
+            keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+            keep[0] = False
+            expected[z] = keep[labels]
+        got = remove_small_components(masks, min_size)
+        assert got.dtype == bool and np.array_equal(got, expected)
 
 
 # --------------------------------------------------------------------------- 3D steps
@@ -150,6 +171,38 @@ def test_3d_components_count_voxels_across_slices() -> None:
     assert out.sum() == 16 + 6 and not out[1, 8, 8]  # the diagonal pair is two 1-voxel parts
     out = postprocess_class(probs, ClassPostprocess(keep_largest=True))
     assert out.sum() == 16 and out[:, 0:2, 0:2].all()
+
+
+def _volumes_reference(mask: np.ndarray, min_volume: int, keep_largest: bool) -> np.ndarray:
+    """Step 5 labelled on the whole volume (no bounding box), as the definition reads."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    structure[0, 1, 1] = structure[2, 1, 1] = True
+    labels, count = ndimage.label(mask, structure=structure)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    keep = sizes >= max(min_volume, 1)
+    if keep_largest and count:
+        keep &= np.arange(count + 1) == int(np.argmax(sizes))
+    keep[0] = False
+    return keep[labels]
+
+
+def test_3d_step_on_the_bounding_box_equals_the_whole_volume() -> None:
+    """Labelling only the mask's bounding box keeps the same components, and keep_largest
+    the same one among equal sizes (raster order): random sparse masks, many ties."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        shape = tuple(int(n) for n in rng.integers(2, 12, 3))
+        mask = np.zeros(shape, dtype=bool)
+        inner = tuple(slice(int(rng.integers(0, n // 2 + 1)), n) for n in shape)
+        mask[inner] = rng.random(mask[inner].shape) < rng.uniform(0.02, 0.4)
+        for min_volume, keep_largest in [(0, True), (2, False), (3, True), (1, False)]:
+            expected = _volumes_reference(mask, min_volume, keep_largest)
+            if min_volume <= 1 and not keep_largest:
+                expected = mask
+            got = remove_small_volumes(mask, min_volume, keep_largest)
+            assert np.array_equal(got, expected)
 
 
 def test_threshold_reads_the_quantised_scale_and_steps_compose() -> None:

@@ -36,6 +36,7 @@ from scipy import ndimage
 from gitract.atomic import write_text_atomic
 from gitract.config import ClassPostprocess, PostprocessConfig, one_line_error
 from gitract.errors import DataError
+from gitract.scoring.metrics import bounding_box, slice_counts
 
 __all__ = [
     "PIXEL_STEPS",
@@ -53,6 +54,7 @@ __all__ = [
     "remove_small_volumes",
     "save_postprocess",
     "slice_flags",
+    "slice_peaks",
     "threshold_class",
 ]
 
@@ -87,10 +89,11 @@ def blend_quantized(volumes: Sequence[np.ndarray], weights: Sequence[float]) -> 
     if len(pairs) == 1:
         return pairs[0][0]
     total = np.zeros(pairs[0][0].shape, dtype=np.float32)
+    term = np.empty_like(total)
     for volume, weight in pairs:
-        total += np.float32(weight) * volume.astype(np.float32)
+        total += np.multiply(volume, np.float32(weight), out=term, dtype=np.float32)
     total /= np.float32(sum(w for _, w in pairs))
-    return np.rint(total).astype(np.uint8)
+    return np.rint(total, out=total).astype(np.uint8)
 
 
 def _level(value: float) -> float:
@@ -99,16 +102,28 @@ def _level(value: float) -> float:
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 8-connected components of fewer than ``min_size`` pixels from a 2D 0/1 mask.
+    """Drop the 8-connected components of fewer than ``min_size`` pixels from a 2D 0/1 mask,
+    or from each slice of a (D, H, W) one (slices never join); same shape and dtype.
 
     Isolated specks are a common false positive on slices with no organ, and cost the most in
     the Hausdorff term (one stray voxel sets the distance for its whole volume)."""
-    if min_size <= 1 or not mask.any():
+    if min_size <= 1:
         return mask
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
+    stack = mask[None] if mask.ndim == 2 else mask
+    box = bounding_box(stack)
+    if box is None:
+        return mask
+    # The boxed slices one above the other with a background row between them: one labelling
+    # for the whole stack (a row apart, no pixels of two slices touch).
+    d, h, w = stack[box].shape
+    tall = np.zeros((d, h + 1, w), dtype=np.uint8)
+    tall[:, :h] = stack[box]
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(tall.reshape(-1, w), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_size
     keep[0] = False  # label 0 is the background
-    return keep[labels].astype(np.uint8)
+    out = np.zeros_like(stack)
+    out[box] = keep[labels].reshape(d, h + 1, w)[:, :h]
+    return out[0] if mask.ndim == 2 else out
 
 
 def fill_gaps(flags: np.ndarray, max_gap: int) -> np.ndarray:
@@ -141,9 +156,14 @@ def remove_small_volumes(mask: np.ndarray, min_volume: int, keep_largest: bool) 
     """A (D, H, W) mask without its 3D components (in-plane 8-connected, face-connected along
     z) of fewer than ``min_volume`` voxels; with ``keep_largest`` only the largest one (the
     first of equal ones in label order) is kept."""
-    if (min_volume <= 1 and not keep_largest) or not mask.any():
+    if min_volume <= 1 and not keep_largest:
         return mask
-    labels, count = ndimage.label(mask, structure=_STRUCTURE_3D)
+    box = bounding_box(mask)
+    if box is None:
+        return mask
+    # Labelled in the mask's bounding box only: every component lies inside it, and the
+    # labels come in the same (raster) order as on the whole volume.
+    labels, count = ndimage.label(mask[box], structure=_STRUCTURE_3D)
     if count <= 1 and min_volume <= 1:
         return mask
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
@@ -152,21 +172,32 @@ def remove_small_volumes(mask: np.ndarray, min_volume: int, keep_largest: bool) 
     if keep_largest:
         keep &= np.arange(count + 1) == int(np.argmax(sizes))
     keep[0] = False
-    return keep[labels]
+    if keep[1:].all():
+        return mask
+    out = np.zeros_like(mask)
+    out[box] = keep[labels]
+    return out
+
+
+def slice_peaks(probs: np.ndarray) -> np.ndarray:
+    """Each slice's highest quantised probability (a (D,) array): what gate_prob reads."""
+    return probs.reshape(len(probs), -1).max(axis=1)
 
 
 def slice_flags(
-    probs: np.ndarray,
-    masks: np.ndarray,
+    peaks: np.ndarray,
+    areas: np.ndarray,
     params: ClassPostprocess,
     presence: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Steps 3 and 4: which slices keep their mask (a (D,) bool array). ``presence``: the
-    classification head's quantised (D,) "organ present" probabilities, needed by gate_cls."""
-    areas = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
+    """Steps 3 and 4: which slices keep their mask (a (D,) bool array), from each slice's
+    :func:`slice_peaks` and its pixel count after steps 1-2 (:func:`slice_counts`): per-slice
+    numbers only, so the tuner decides a candidate's slices without touching its pixels.
+    ``presence``: the classification head's quantised (D,) "organ present" probabilities,
+    needed by gate_cls."""
     flags = areas > 0
     if params.gate_prob > 0:
-        flags &= probs.reshape(len(probs), -1).max(axis=1) >= _level(params.gate_prob)
+        flags &= peaks >= _level(params.gate_prob)
     if params.gate_area > 0:
         flags &= areas >= params.gate_area
     if params.gate_cls > 0:
@@ -184,30 +215,20 @@ def slice_flags(
 def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
     """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks. Reads only
     PIXEL_STEPS (the tuner shares its result between candidates equal there)."""
-    masks = probs > _level(params.threshold)
-    if params.min_size > 1:
-        for z in np.flatnonzero(masks.any(axis=(1, 2))):
-            masks[z] = remove_small_components(masks[z].view(np.uint8), params.min_size)
-    return masks
+    return remove_small_components(probs > _level(params.threshold), params.min_size)
 
 
 def postprocess_class(
-    probs: np.ndarray,
-    params: ClassPostprocess,
-    presence: np.ndarray | None = None,
-    thresholded: np.ndarray | None = None,
+    probs: np.ndarray, params: ClassPostprocess, presence: np.ndarray | None = None
 ) -> np.ndarray:
     """One class of one case-day: quantised (D, H, W) uint8 probabilities (and optionally the
-    (D,) quantised presence probabilities) -> bool masks. ``thresholded``: steps 1-2's masks
-    for these PIXEL_STEPS values, already made (the tuner's candidates share them); not
-    changed."""
+    (D,) quantised presence probabilities) -> bool masks, steps 1 to 5 in order."""
     if probs.dtype != np.uint8 or probs.ndim != 3:
         raise ValueError(
             f"postprocess_class needs (D, H, W) uint8; got {probs.dtype} {probs.shape}"
         )
-    masks = threshold_class(probs, params) if thresholded is None else thresholded.copy()
-    flags = slice_flags(probs, masks, params, presence)
-    masks[~flags] = False
+    masks = threshold_class(probs, params)
+    masks[~slice_flags(slice_peaks(probs), slice_counts(masks), params, presence)] = False
     return remove_small_volumes(masks, params.min_volume, params.keep_largest)
 
 

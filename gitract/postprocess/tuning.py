@@ -4,7 +4,7 @@
 The search is coordinate descent, one class and one step at a time over DEFAULT_GRID's values,
 the others held; a value is taken only if it raises the score. A candidate is a
 :class:`~gitract.config.ClassPostprocess` (the config's and postprocess.json's schema), run
-through the same :func:`~gitract.postprocess.steps.postprocess_class` as inference. Three
+through the same step functions as inference (:mod:`gitract.postprocess.steps`). Three
 results are reported, each scored exactly as inference reproduces it (``postprocess_volume``
 on the whole case-days, then the profile's VolumeScoreAccumulator in (case, day) order, the
 order ``evaluate.py`` adds them in):
@@ -18,7 +18,8 @@ class, only the box that can ever hold a prediction or the truth (probabilities 
 lowest threshold of the grid, and the truth): the steps give the same masks there, nothing
 outside can pass a threshold. The truth's distance transform is taken once, at the voxels a
 prediction can reach; a candidate then costs its post-processing on the box, the Dice counts
-and one distance pass from the truth to the prediction. Equal masks are never scored twice.
+and one distance pass from the truth to the prediction. Equal masks are never scored twice,
+and (kaggle) candidates with equal masks before the 3D step are not cut into components twice.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from gitract.postprocess.steps import (
     STEP_NAMES,
     ClassPostprocess,
     blend_quantized,
-    postprocess_class,
     postprocess_volume,
+    remove_small_volumes,
+    slice_flags,
+    slice_peaks,
     threshold_class,
 )
 from gitract.scoring.metrics import (
@@ -60,6 +63,7 @@ from gitract.scoring.metrics import (
     hausdorff_mlebench,
     mlebench_view,
     row_counts,
+    slice_counts,
     terms_summary,
     union_terms,
     volume_terms,
@@ -169,6 +173,9 @@ class _Target:
     def __init__(self, truth: np.ndarray, reach: np.ndarray, shape: tuple[int, ...]) -> None:
         self.shape = shape
         self.box = bounding_box(truth, reach)
+        # Predictions' in-plane distance planes by slice content, while one step's candidates
+        # are measured (they share most slices); _CaseDay.forget_planes empties it.
+        self.planes: dict[tuple, np.ndarray] = {}
         self.n_truth = int(np.count_nonzero(truth))
         if self.box is None:
             return
@@ -190,7 +197,7 @@ class _Target:
             return 1.0
         to_truth = float(self.dist_at_reach[pred.ravel()[self.reach_idx]].max())
         spacing = tuple(1.0 / n for n in self.shape)
-        to_pred = directed_distance(self.truth, pred, spacing)
+        to_pred = directed_distance(self.truth, pred, spacing, self.planes, to_truth)
         return max(to_truth, to_pred) / _SQRT3
 
 
@@ -241,7 +248,7 @@ class _CaseDay:
         """Take the blend of the members with ``weights`` (as inference forms it) on every
         class's box; no class has a setting yet."""
         self.weights = tuple(weights)
-        self.classes = []
+        self.classes, self.peaks = [], []
         for target, index, values, box_presence in self.members:
             box_probs = presence = None
             if target.box is not None:
@@ -249,34 +256,56 @@ class _CaseDay:
                 box_probs.ravel()[index] = blend_quantized(values, weights)
                 presence = _blend_presence(box_presence, weights)
             self.classes.append((target, box_probs, presence))
+            self.peaks.append(None if box_probs is None else slice_peaks(box_probs))
         self.current: list[ClassPostprocess | None] = [None] * _C
         self.masks: list[np.ndarray | None] = [None] * _C
         self.memo: dict[tuple, np.ndarray] = {}
-        # Steps 1-2 (threshold, 2D sizes) of the last few settings: the other steps' candidates
-        # all start from the same step-2 masks.
-        self.stage2: dict[tuple, np.ndarray] = {}
+        # Steps 1-2 (threshold, 2D sizes) of the last few settings used, with each slice's
+        # pixel count: the other steps' candidates all start from the same step-2 masks.
+        self.stage2: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
-        """postprocess_class on the box (exact: nothing outside it can pass the threshold),
-        with steps 1-2 shared by the candidates that differ only in later steps."""
+    def _slices(
+        self, c: int, params: ClassPostprocess
+    ) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+        """Steps 1-4 on class c's box (exact: nothing outside it can pass the threshold), not
+        yet applied: steps 1-2's masks (shared by the candidates equal there), the slices
+        steps 3-4 keep (per-slice numbers only; None: every slice that has pixels) and a key
+        naming the result in this blend."""
         _, box_probs, box_presence = self.classes[c]
-        if box_probs is None:
-            return None
         key = (c, *(getattr(params, name) for name in PIXEL_STEPS))
-        if key not in self.stage2:
+        if key in self.stage2:
+            self.stage2[key] = self.stage2.pop(key)  # the least recently used goes first
+        else:
             if len(self.stage2) >= 2 * _C:
                 self.stage2.pop(next(iter(self.stage2)))
-            self.stage2[key] = threshold_class(box_probs, params)
-        return postprocess_class(box_probs, params, box_presence, self.stage2[key])
+            masks = threshold_class(box_probs, params)
+            self.stage2[key] = masks, slice_counts(masks)
+        masks, areas = self.stage2[key]
+        keep = slice_flags(self.peaks[c], areas, params, box_presence)
+        if np.array_equal(keep, areas > 0):  # no slice with pixels dropped: 1-2's masks
+            keep = None
+        return masks, keep, (key, None if keep is None else keep.tobytes())
+
+    def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
+        """postprocess_class on the box (None: the class has no box): steps 1-4 from
+        :meth:`_slices`, then step 5."""
+        if self.classes[c][1] is None:
+            return None
+        masks, keep, _ = self._slices(c, params)
+        if keep is not None:  # steps 3-4 empty some slices (the stage-2 masks stay as they are)
+            masks = masks.copy()
+            masks[~keep] = False
+        return remove_small_volumes(masks, params.min_volume, params.keep_largest)
 
     @staticmethod
     def _digest(mask: np.ndarray) -> bytes:
         return hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
 
-    def _class_terms(self, c: int) -> np.ndarray:
-        """Class c's Dice and (kaggle) Hausdorff terms at its current mask, as volume_terms
-        adds them; by the mask's content, since most candidates change nothing on a day."""
-        target, mask = self.classes[c][0], self.masks[c]
+    def _class_terms(self, c: int, mask: np.ndarray | None) -> np.ndarray:
+        """Class c's Dice and (kaggle) Hausdorff terms at ``mask`` (on its box), as
+        volume_terms adds them; by the mask's content, since most candidates change nothing
+        on a day."""
+        target = self.classes[c][0]
         if target.box is None:  # nothing true, nothing predicted: every row both empty
             rows = self.depth if self.profile == "kaggle" else 0.0
             return class_terms(c, rows, rows)
@@ -309,40 +338,69 @@ class _CaseDay:
                 self.by_mask[key] = hausdorff_mlebench(mlebench_view(full), self.union_truth)
         return union_terms(self.by_mask[key])
 
+    def forget_planes(self) -> None:
+        """Empty the targets' distance-plane caches (kept only while one step's candidates
+        are measured on this case-day: they would fill the memory across case-days)."""
+        for target, _, _ in self.classes:
+            target.planes.clear()
+        if self.union is not None:
+            self.union.planes.clear()
+
     def set(self, c: int, params: ClassPostprocess) -> None:
-        """Class c's current setting and its masks on the box."""
+        """Class c's current setting and (for mle-bench's union term) its masks on the box."""
         self.current[c] = params
-        self.masks[c] = self._class_mask(c, params)
+        if self.profile == "mlebench":
+            self.masks[c] = self._class_mask(c, params)
 
     def terms(self, c: int, params: ClassPostprocess) -> np.ndarray:
         """The case-day's terms with class c set to ``params`` and the others as they are
         (mle-bench's union term from every class's mask: keyed by all the settings)."""
-        key = (c, params) if self.profile == "kaggle" else (c, params, tuple(self.current))
-        if key not in self.memo:
-            saved = self.current[c], self.masks[c]
-            self.set(c, params)
-            terms = self._class_terms(c)
-            if self.profile == "mlebench":
-                terms = terms + self._union_terms()
-            self.current[c], self.masks[c] = saved
-            self.memo[key] = terms
+        if self.profile == "kaggle":
+            key = (c, params)
+            if key not in self.memo:
+                self.memo[key] = self._kaggle_terms(c, params)
+        else:
+            key = (c, params, tuple(self.current))
+            if key not in self.memo:
+                saved = self.current[c], self.masks[c]
+                self.set(c, params)
+                self.memo[key] = self._class_terms(c, self.masks[c]) + self._union_terms()
+                self.current[c], self.masks[c] = saved
         return self.memo[key] + sum((self._own_terms(k) for k in range(_C) if k != c), 0)
+
+    def _kaggle_terms(self, c: int, params: ClassPostprocess) -> np.ndarray:
+        """Class c's kaggle terms at ``params``, by what steps 1-4 keep and step 5's values:
+        candidates equal there (most of a step's candidates on most case-days) share one
+        mask, made and scored once."""
+        if self.classes[c][1] is None:
+            return self._class_terms(c, None)
+        _, _, key = self._slices(c, params)
+        key = ("steps", key, params.min_volume, params.keep_largest)
+        if key not in self.memo:
+            self.memo[key] = self._class_terms(c, self._class_mask(c, params))
+        return self.memo[key]
 
     def _own_terms(self, k: int) -> np.ndarray:
         """Class k's own terms at its current setting (no union term)."""
         key = ("class", k, self.current[k])
         if key not in self.memo:
-            self.memo[key] = self._class_terms(k)
+            if self.profile == "kaggle":
+                self.memo[key] = self._kaggle_terms(k, self.current[k])
+            else:
+                self.memo[key] = self._class_terms(k, self.masks[k])
         return self.memo[key]
 
     def exact(self, trials: Sequence[tuple[Sequence[float], Sequence[ClassPostprocess]]], rows):
         """Terms of each (weights, settings) trial as inference makes them: the members'
         whole case-day blended, then post-processed."""
         members, presence, truth = _load_members(self.paths, rows)
-        terms = []
+        terms, blends = [], {}
         for weights, settings in trials:
-            probs = blend_quantized(members, weights)
-            masks = postprocess_volume(probs, settings, _blend_presence(presence, weights))
+            if weights not in blends:  # trials of one blend share it
+                blends = {weights: blend_quantized(members, weights)}
+            masks = postprocess_volume(
+                blends[weights], settings, _blend_presence(presence, weights)
+            )
             terms.append(volume_terms(masks, truth, self.profile))
         return len(truth), terms
 
@@ -370,6 +428,7 @@ def _worker(
                 for day in days:
                     for k, params in enumerate(candidates):
                         sums[k] += day.terms(c, params)
+                    day.forget_planes()
                 conn.send(("ok", sums))
             elif command == "blend":
                 for day in days:

@@ -55,6 +55,7 @@ __all__ = [
     "dice_terms",
     "directed_distance",
     "row_counts",
+    "slice_counts",
     "union_terms",
     "dice_iou_per_class",
     "hausdorff_3d",
@@ -207,42 +208,63 @@ def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
 # pixel distance only while float32 rounding error stays below 0.5, i.e. for squared distances
 # well under 2**22 (slices up to ~1400 px across, far beyond any scan).
 _CV_MAX_SQUARED = 2**22
-# Elements of one (slices x points) block in the slice-to-slice pass: bounds its memory.
-_BLOCK = 1 << 22
 
 
 def _max_distance_planar(
-    b: np.ndarray, points: tuple[np.ndarray, ...], spacing: tuple[float, ...]
+    b: np.ndarray,
+    points: tuple[np.ndarray, ...],
+    spacing: tuple[float, ...],
+    planes: dict[tuple, np.ndarray] | None = None,
+    at_least: float = 0.0,
 ) -> float:
     """Largest distance from ``points`` to the nearest voxel of ``b``; rows and columns must
-    share one spacing.
+    share one spacing. ``planes`` and ``at_least``: see :func:`directed_distance`.
 
     The squared distance separates: d2(p) = min over slices z' of (dz * (z_p - z'))^2 +
     dy^2 * e(z', y_p, x_p), where e is the squared in-plane pixel distance to b within slice
-    z'. e comes from OpenCV's exact 2D transform (an integer, recovered by rounding); the min
-    over z' is then taken only at the query points, never over the whole box.
+    z'. e comes from OpenCV's exact 2D transform (an integer, recovered by rounding), taken
+    only for the slices that can matter: the points of one z visit b's slices nearest first
+    and stop once the z term alone reaches their current minima (no farther slice can lower
+    one) or those minima can no longer raise the answer. Exact: every slice left out would
+    give each point a value at least its minimum.
     """
     dz, dy = spacing[0], spacing[1]
     not_b = (~b).view(np.uint8)
     slices = np.flatnonzero(b.any(axis=(1, 2)))  # a slice without b is at infinite distance
-    plane = np.empty((slices.size, b.shape[1], b.shape[2]), dtype=np.float32)
-    for row, z in enumerate(slices):
-        plane[row] = cv2.distanceTransform(not_b[z], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    squared = np.square(plane.reshape(slices.size, -1), dtype=np.float64)
-    np.rint(squared, out=squared)
-    squared *= dy * dy
-    # np.nonzero lists points slice by slice, so each run of one z shares its column of
-    # slice-to-slice terms: one broadcast add per run instead of a full (slices x points) array.
+    done: dict[int, np.ndarray] = {}
+
+    def in_plane(z: int) -> np.ndarray:
+        """dy^2 * e of slice z, flat, computed once (and with ``planes`` once per content)."""
+        if z in done:
+            return done[z]
+        key = None if planes is None else (b.shape[1:], dy, np.packbits(not_b[z]).tobytes())
+        if key is None or key not in planes:
+            dist = cv2.distanceTransform(not_b[z], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+            squared = np.square(dist.ravel(), dtype=np.float64)
+            np.rint(squared, out=squared)
+            squared *= dy * dy
+            if key is None:
+                return done.setdefault(z, squared)
+            planes[key] = squared
+        return done.setdefault(z, planes[key])
+
+    # np.nonzero lists points slice by slice: each run of one z shares its slice-to-slice terms.
     zq, flat = points[0], points[1] * b.shape[2] + points[2]
     bounds = [0, *(np.flatnonzero(np.diff(zq)) + 1).tolist(), zq.size]
-    step = max(1, _BLOCK // slices.size)
-    best = 0.0
+    # Points nearer than at_least cannot matter; the margin keeps every point whose distance
+    # could round above at_least (the squares carry ~1e-16 relative error).
+    best = at_least * at_least * (1.0 - 1e-9)
     for start, stop in itertools.pairwise(bounds):
-        to_slices = np.square((slices - zq[start]) * dz)[:, None]
-        for lo in range(start, stop, step):
-            d2 = np.take(squared, flat[lo : min(lo + step, stop)], axis=1)
-            d2 += to_slices
-            best = max(best, float(d2.min(axis=0).max()))
+        to_slices = np.square((slices - zq[start]) * dz)
+        nearest: np.ndarray | None = None
+        for k in np.argsort(to_slices, kind="stable"):
+            if nearest is not None:
+                worst = float(nearest.max())
+                if to_slices[k] >= worst or worst <= best:
+                    break
+            d2 = in_plane(int(slices[k]))[flat[start:stop]] + to_slices[k]
+            nearest = d2 if nearest is None else np.minimum(nearest, d2, out=nearest)
+        best = max(best, float(nearest.max()))
     return math.sqrt(best)
 
 
@@ -265,17 +287,31 @@ def _max_distance_ft(
     return math.sqrt(float(d2.max()))
 
 
-def directed_distance(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
+def directed_distance(
+    a: np.ndarray,
+    b: np.ndarray,
+    spacing: tuple[float, ...],
+    planes: dict[tuple, np.ndarray] | None = None,
+    at_least: float = 0.0,
+) -> float:
     """Directed Hausdorff distance a -> b of two non-empty masks (max over a of the distance
     to b). Voxels of a inside b are at distance 0, so only a \\ b is searched. Every voxel of
     a must be looked at, not just a's surface: a's voxel farthest from b can lie inside a
-    (b a hollow shell around a)."""
-    points = np.nonzero(a & ~b)
-    if points[0].size == 0:
+    (b a hollow shell around a).
+
+    ``planes``: a cache of b's in-plane distance transforms by slice content (with its shape
+    and spacing), for a caller that measures many b sharing most slices (the tuner's
+    candidates); the caller empties it. Used where rows and columns share one spacing.
+    ``at_least``: for a caller that takes the max with a distance it already has: the result
+    is exact when it exceeds ``at_least`` and otherwise some value not above it, so points
+    nearer than that are not searched further."""
+    flat = np.flatnonzero(a & ~b)  # ~10x faster than np.nonzero on a 3D mask
+    if flat.size == 0:
         return 0.0
+    points = np.unravel_index(flat, a.shape)
     _, h, w = b.shape
     if spacing[1] == spacing[2] and (h - 1) ** 2 + (w - 1) ** 2 < _CV_MAX_SQUARED:
-        return _max_distance_planar(b, points, spacing)
+        return _max_distance_planar(b, points, spacing, planes, at_least)
     return _max_distance_ft(b, points, spacing)
 
 
@@ -309,8 +345,8 @@ def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> floa
             for a, b in zip(box_pred, box_truth, strict=True)
         )
         pred, truth = pred[box], truth[box]
-    distance = max(directed_distance(pred, truth, spacing), directed_distance(truth, pred, spacing))
-    return distance / _SQRT3
+    to_truth = directed_distance(pred, truth, spacing)
+    return max(to_truth, directed_distance(truth, pred, spacing, at_least=to_truth)) / _SQRT3
 
 
 def _check_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -401,10 +437,15 @@ def _check_volume(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.n
     return pred, truth
 
 
+def slice_counts(masks: np.ndarray) -> np.ndarray:
+    """True pixels per slice of a (D, H, W) mask, a (D,) int64 array: one count_nonzero per
+    slice, several times faster than ``count_nonzero(axis=...)`` (which sums)."""
+    return np.fromiter((np.count_nonzero(m) for m in masks), dtype=np.int64, count=len(masks))
+
+
 def row_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per slice of two (D, H, W) masks: predicted, true and common pixels (three (D,) arrays)."""
-    p, t = pred.reshape(len(pred), -1), truth.reshape(len(truth), -1)
-    return np.count_nonzero(p, axis=1), np.count_nonzero(t, axis=1), np.count_nonzero(p & t, axis=1)
+    return slice_counts(pred), slice_counts(truth), slice_counts(pred & truth)
 
 
 def dice_terms(
