@@ -115,9 +115,10 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
         return mask
     # The boxed slices one above the other with a background row between them: one labelling
     # for the whole stack (a row apart, no pixels of two slices touch).
-    d, h, w = stack[box].shape
+    boxed = stack[box]
+    d, h, w = boxed.shape
     tall = np.zeros((d, h + 1, w), dtype=np.uint8)
-    tall[:, :h] = stack[box]
+    tall[:, :h] = boxed
     _, labels, stats, _ = cv2.connectedComponentsWithStats(tall.reshape(-1, w), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_size
     keep[0] = False  # label 0 is the background
@@ -164,15 +165,13 @@ def remove_small_volumes(mask: np.ndarray, min_volume: int, keep_largest: bool) 
     # Labelled in the mask's bounding box only: every component lies inside it, and the
     # labels come in the same (raster) order as on the whole volume.
     labels, count = ndimage.label(mask[box], structure=_STRUCTURE_3D)
-    if count <= 1 and min_volume <= 1:
-        return mask
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
     keep = sizes >= max(min_volume, 1)
     if keep_largest:
         keep &= np.arange(count + 1) == int(np.argmax(sizes))
     keep[0] = False
-    if keep[1:].all():
+    if keep[1:].all():  # nothing removed
         return mask
     out = np.zeros_like(mask)
     out[box] = keep[labels]

@@ -19,7 +19,8 @@ lowest threshold of the grid, and the truth): the steps give the same masks ther
 outside can pass a threshold. The truth's distance transform is taken once, at the voxels a
 prediction can reach; a candidate then costs its post-processing on the box, the Dice counts
 and one distance pass from the truth to the prediction. Equal masks are never scored twice,
-and (kaggle) candidates with equal masks before the 3D step are not cut into components twice.
+and (kaggle) candidates whose steps 1-4 keep the same slices of the same step-2 masks, with
+the same 3D step, share one mask: it is made and scored once.
 """
 
 from __future__ import annotations
@@ -260,8 +261,8 @@ class _CaseDay:
         self.current: list[ClassPostprocess | None] = [None] * _C
         self.masks: list[np.ndarray | None] = [None] * _C
         self.memo: dict[tuple, np.ndarray] = {}
-        # Steps 1-2 (threshold, 2D sizes) of the last few settings used, with each slice's
-        # pixel count: the other steps' candidates all start from the same step-2 masks.
+        # Steps 1-2 (threshold, 2D sizes) of the last few settings, with each slice's pixel
+        # count: the other steps' candidates all start from the same step-2 masks.
         self.stage2: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def _slices(
@@ -273,9 +274,7 @@ class _CaseDay:
         naming the result in this blend."""
         _, box_probs, box_presence = self.classes[c]
         key = (c, *(getattr(params, name) for name in PIXEL_STEPS))
-        if key in self.stage2:
-            self.stage2[key] = self.stage2.pop(key)  # the least recently used goes first
-        else:
+        if key not in self.stage2:
             if len(self.stage2) >= 2 * _C:
                 self.stage2.pop(next(iter(self.stage2)))
             masks = threshold_class(box_probs, params)
@@ -287,12 +286,16 @@ class _CaseDay:
         return masks, keep, (key, None if keep is None else keep.tobytes())
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
-        """postprocess_class on the box (None: the class has no box): steps 1-4 from
-        :meth:`_slices`, then step 5."""
+        """postprocess_class on the box (None: the class has no box)."""
         if self.classes[c][1] is None:
             return None
-        masks, keep, _ = self._slices(c, params)
-        if keep is not None:  # steps 3-4 empty some slices (the stage-2 masks stay as they are)
+        return self._volume(*self._slices(c, params)[:2], params)
+
+    @staticmethod
+    def _volume(masks: np.ndarray, keep: np.ndarray | None, params: ClassPostprocess) -> np.ndarray:
+        """Steps 3-4's slices applied to :meth:`_slices`' masks (a copy: the step-2 masks are
+        shared), then step 5."""
+        if keep is not None:
             masks = masks.copy()
             masks[~keep] = False
         return remove_small_volumes(masks, params.min_volume, params.keep_largest)
@@ -374,10 +377,10 @@ class _CaseDay:
         mask, made and scored once."""
         if self.classes[c][1] is None:
             return self._class_terms(c, None)
-        _, _, key = self._slices(c, params)
+        masks, keep, key = self._slices(c, params)
         key = ("steps", key, params.min_volume, params.keep_largest)
         if key not in self.memo:
-            self.memo[key] = self._class_terms(c, self._class_mask(c, params))
+            self.memo[key] = self._class_terms(c, self._volume(masks, keep, params))
         return self.memo[key]
 
     def _own_terms(self, k: int) -> np.ndarray:
@@ -394,13 +397,11 @@ class _CaseDay:
         """Terms of each (weights, settings) trial as inference makes them: the members'
         whole case-day blended, then post-processed."""
         members, presence, truth = _load_members(self.paths, rows)
-        terms, blends = [], {}
+        terms, blended, probs = [], None, None
         for weights, settings in trials:
-            if weights not in blends:  # trials of one blend share it
-                blends = {weights: blend_quantized(members, weights)}
-            masks = postprocess_volume(
-                blends[weights], settings, _blend_presence(presence, weights)
-            )
+            if weights != blended:  # consecutive trials of one blend share it
+                blended, probs = weights, blend_quantized(members, weights)
+            masks = postprocess_volume(probs, settings, _blend_presence(presence, weights))
             terms.append(volume_terms(masks, truth, self.profile))
         return len(truth), terms
 

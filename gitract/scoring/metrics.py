@@ -235,18 +235,18 @@ def _max_distance_planar(
 
     def in_plane(z: int) -> np.ndarray:
         """dy^2 * e of slice z, flat, computed once (and with ``planes`` once per content)."""
-        if z in done:
-            return done[z]
-        key = None if planes is None else (b.shape[1:], dy, np.packbits(not_b[z]).tobytes())
-        if key is None or key not in planes:
-            dist = cv2.distanceTransform(not_b[z], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-            squared = np.square(dist.ravel(), dtype=np.float64)
-            np.rint(squared, out=squared)
-            squared *= dy * dy
-            if key is None:
-                return done.setdefault(z, squared)
-            planes[key] = squared
-        return done.setdefault(z, planes[key])
+        if z not in done:
+            key = planes is not None and (b.shape[1:], dy, np.packbits(not_b[z]).tobytes())
+            squared = planes.get(key) if planes is not None else None
+            if squared is None:
+                dist = cv2.distanceTransform(not_b[z], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+                squared = np.square(dist.ravel(), dtype=np.float64)
+                np.rint(squared, out=squared)
+                squared *= dy * dy
+                if planes is not None:
+                    planes[key] = squared
+            done[z] = squared
+        return done[z]
 
     # np.nonzero lists points slice by slice: each run of one z shares its slice-to-slice terms.
     zq, flat = points[0], points[1] * b.shape[2] + points[2]
