@@ -79,11 +79,13 @@ def main() -> None:
             continue
         best = max((n for n in scores if n != "selected"), key=scores.__getitem__)
         selected = scores["selected"]
-        verdict = {True: "beats", False: "does NOT beat"}[selected > scores[best]]
-        if selected == scores[best]:
-            verdict = "equals"
+        verdict = (
+            "equals" if selected == scores[best]
+            else "beats" if selected > scores[best]
+            else "does NOT beat"
+        )  # fmt: skip
         print(
-            f"{profile}: on the test set the selected blend ({scores['selected']:.5f}) {verdict} "
+            f"{profile}: on the test set the selected blend ({selected:.5f}) {verdict} "
             f"the best run alone ({best}, {scores[best]:.5f})"
         )
     print(json.dumps({"oof": oof, "test": test}))
