@@ -26,6 +26,7 @@ from gitract.postprocess.steps import (
     postprocess_volume,
     quantize,
     save_postprocess,
+    threshold_class,
 )
 from gitract.postprocess.tuning import DEFAULT_GRID, tune_postprocess
 from gitract.scoring.files import score_profiles
@@ -414,11 +415,13 @@ def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
         (1, ClassPostprocess(gate_prob=0.8, fill_gaps=2, min_run=3)),
         (0, ClassPostprocess(threshold=0.3, min_volume=50)),
         (0, ClassPostprocess(threshold=0.7, min_size=25)),
+        (1, ClassPostprocess(threshold=0.4, min_size=50)),  # beyond the labelled sizes
+        (2, ClassPostprocess(threshold=0.4, min_size=40, gate_area=25)),
     ]
     for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
         probs, ids, _ = tuning._read_probs(path, rows)
         truth = tuning._truth(ids, rows)
-        day = tuning._CaseDay([path], rows, profile, low=0.3)
+        day = tuning._CaseDay([path], rows, profile, low=0.3, below=40)
         current = [ClassPostprocess()] * 3
         for c in range(3):
             day.set(c, current[c])
@@ -431,3 +434,27 @@ def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
                 assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (path, c)
             day.set(c, params)
             current[c] = params
+
+
+def test_the_tuners_step_2_masks_are_threshold_class_s_for_every_min_size(
+    make_tiny_kaggle, tmp_path
+):
+    """Each threshold's small components, labelled once, give threshold_class's masks for
+    every minimum size up to the labelled bound, and beyond it (labelled again)."""
+    tiny = make_tiny_kaggle("boxes", layout=LAYOUT, test_layout=[])
+    _oof_with_strays(tiny, tmp_path / "oof_probs")
+    rows = load_train_table(tiny.root, exclude=()).set_index("id")
+    removed = 0
+    for path in sorted((tmp_path / "oof_probs").glob("*.npz")):
+        day = tuning._CaseDay([path], rows, "kaggle", low=0.3, below=40)
+        for c, (_, box_probs, _) in enumerate(day.classes):
+            if box_probs is None:
+                continue
+            for threshold in (0.3, 0.5, 0.7):
+                plain = box_probs > threshold * 255
+                for min_size in range(60):
+                    params = ClassPostprocess(threshold=threshold, min_size=min_size)
+                    got = day._threshold(c, params)
+                    assert np.array_equal(got, threshold_class(box_probs, params)), min_size
+                    removed += int(np.count_nonzero(plain & ~got))
+    assert removed > 0  # the strays are small components

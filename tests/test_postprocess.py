@@ -16,6 +16,7 @@ from gitract.postprocess.steps import (
     quantize,
     remove_small_components,
     remove_small_volumes,
+    small_components,
 )
 
 
@@ -84,22 +85,45 @@ def test_remove_small_components_leaves_empty_masks_alone() -> None:
     assert np.array_equal(remove_small_components(empty, 10), empty)
 
 
+def _per_slice(masks: np.ndarray, min_size: int) -> np.ndarray:
+    """remove_small_components by definition: OpenCV's labelling of each slice alone."""
+    expected = np.zeros_like(masks)
+    for z, plane in enumerate(masks.view(np.uint8)):
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8)
+        keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+        keep[0] = False
+        expected[z] = keep[labels]
+    return expected
+
+
+def _random_stacks(seed: int, count: int):
+    """Random bool stacks whose components touch the stack's edges and neighbouring slices."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        shape = tuple(int(n) for n in rng.integers(1, 14, 3))
+        yield rng, rng.random(shape) < rng.uniform(0.05, 0.6)
+
+
 def test_small_components_of_a_stack_are_those_of_each_slice() -> None:
     """A (D, H, W) stack is cleaned slice by slice: equal to OpenCV's labelling of each slice
-    alone, on random masks whose components touch the stack's edges and neighbouring slices."""
-    rng = np.random.default_rng(3)
-    for _ in range(100):
-        shape = tuple(int(n) for n in rng.integers(1, 14, 3))
-        masks = rng.random(shape) < rng.uniform(0.05, 0.6)
+    alone."""
+    for rng, masks in _random_stacks(3, 100):
         min_size = int(rng.integers(2, 9))
-        expected = np.zeros_like(masks)
-        for z, plane in enumerate(masks.view(np.uint8)):
-            _, labels, stats, _ = cv2.connectedComponentsWithStats(plane, connectivity=8)
-            keep = stats[:, cv2.CC_STAT_AREA] >= min_size
-            keep[0] = False
-            expected[z] = keep[labels]
         got = remove_small_components(masks, min_size)
-        assert got.dtype == bool and np.array_equal(got, expected)
+        assert got.dtype == bool and np.array_equal(got, _per_slice(masks, min_size))
+
+
+def test_one_labelling_gives_every_smaller_min_size() -> None:
+    """small_components' pixels, smallest components first: the first ones below ``min_size``
+    are what min_size removes, for every min_size up to the labelled bound (the tuner labels
+    each threshold once)."""
+    for _, masks in _random_stacks(4, 60):
+        pixels, sizes = small_components(masks, 9)
+        assert (np.diff(sizes) >= 0).all() and (sizes < 9).all()
+        for min_size in range(10):
+            cut = masks.copy()
+            cut.ravel()[pixels[: np.searchsorted(sizes, min_size)]] = False
+            assert np.array_equal(cut, _per_slice(masks, min_size)), min_size
 
 
 # --------------------------------------------------------------------------- 3D steps

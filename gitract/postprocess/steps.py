@@ -43,6 +43,7 @@ __all__ = [
     "POSTPROCESS_FILE",
     "STEP_NAMES",
     "ClassPostprocess",
+    "binarize",
     "blend_quantized",
     "drop_short_runs",
     "fill_gaps",
@@ -55,6 +56,7 @@ __all__ = [
     "save_postprocess",
     "slice_flags",
     "slice_peaks",
+    "small_components",
     "threshold_class",
 ]
 
@@ -101,29 +103,49 @@ def _level(value: float) -> float:
     return value * 255
 
 
+def small_components(mask: np.ndarray, below: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of the 8-connected components of fewer than ``below`` pixels in each slice
+    of a (D, H, W) 0/1 mask (slices never join): their flat indices in ``mask`` and their
+    component's size, smallest components first. So the pixels that any ``min_size <=
+    below`` removes are a prefix: the tuner labels a thresholded stack once for all its
+    minimum sizes."""
+    nothing = np.empty(0, dtype=np.intp), np.empty(0, dtype=np.int32)
+    box = bounding_box(mask) if below > 1 else None
+    if box is None:
+        return nothing
+    # The boxed slices one above the other with a background row between them: one labelling
+    # for the whole stack (a row apart, no pixels of two slices touch).
+    boxed = mask[box]
+    d, h, w = boxed.shape
+    tall = np.zeros((d, h + 1, w), dtype=np.uint8)
+    tall[:, :h] = boxed
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(tall.reshape(-1, w), connectivity=8)
+    sizes = stats[:, cv2.CC_STAT_AREA]
+    small = sizes < below
+    small[0] = False  # label 0 is the background (and every separating row)
+    if not small.any():
+        return nothing
+    picked = np.flatnonzero(small[labels])
+    pixel_sizes = sizes[labels.ravel()[picked]]
+    at = np.unravel_index(picked, (d, h + 1, w))
+    corner = (box[0].start, box[1].start, box[2].start)
+    flat = np.ravel_multi_index([i + o for i, o in zip(at, corner, strict=True)], mask.shape)
+    order = np.argsort(pixel_sizes, kind="stable")
+    return flat[order], pixel_sizes[order]
+
+
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop the 8-connected components of fewer than ``min_size`` pixels from a 2D 0/1 mask,
     or from each slice of a (D, H, W) one (slices never join); same shape and dtype.
 
     Isolated specks are a common false positive on slices with no organ, and cost the most in
     the Hausdorff term (one stray voxel sets the distance for its whole volume)."""
-    if min_size <= 1:
-        return mask
     stack = mask[None] if mask.ndim == 2 else mask
-    box = bounding_box(stack)
-    if box is None:
+    pixels, _ = small_components(stack, min_size)
+    if pixels.size == 0:
         return mask
-    # The boxed slices one above the other with a background row between them: one labelling
-    # for the whole stack (a row apart, no pixels of two slices touch).
-    boxed = stack[box]
-    d, h, w = boxed.shape
-    tall = np.zeros((d, h + 1, w), dtype=np.uint8)
-    tall[:, :h] = boxed
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(tall.reshape(-1, w), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
-    keep[0] = False  # label 0 is the background
-    out = np.zeros_like(stack)
-    out[box] = keep[labels].reshape(d, h + 1, w)[:, :h]
+    out = np.array(stack, order="C")
+    out.ravel()[pixels] = 0
     return out[0] if mask.ndim == 2 else out
 
 
@@ -211,10 +233,15 @@ def slice_flags(
     return drop_short_runs(flags, params.min_run)
 
 
+def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Step 1: quantised probabilities -> bool masks of the pixels above ``threshold``."""
+    return probs > _level(threshold)
+
+
 def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:
     """Steps 1 and 2 on one class's quantised (D, H, W) probabilities: bool masks. Reads only
     PIXEL_STEPS (the tuner shares its result between candidates equal there)."""
-    return remove_small_components(probs > _level(params.threshold), params.min_size)
+    return remove_small_components(binarize(probs, params.threshold), params.min_size)
 
 
 def postprocess_class(

@@ -46,11 +46,13 @@ from gitract.postprocess.steps import (
     PIXEL_STEPS,
     STEP_NAMES,
     ClassPostprocess,
+    binarize,
     blend_quantized,
     postprocess_volume,
     remove_small_volumes,
     slice_flags,
     slice_peaks,
+    small_components,
     threshold_class,
 )
 from gitract.scoring.metrics import (
@@ -207,9 +209,11 @@ class _CaseDay:
     some member's probability can take past the lowest threshold, with each member's
     probabilities at those voxels only, and the blend of the current weights on the box."""
 
-    def __init__(self, paths: Sequence[Path], rows: pd.DataFrame, profile: str, low: float) -> None:
+    def __init__(
+        self, paths: Sequence[Path], rows: pd.DataFrame, profile: str, low: float, below: int
+    ) -> None:
         members, presence, truth = _load_members(paths, rows)
-        self.paths, self.profile = tuple(paths), profile
+        self.paths, self.profile, self.below = tuple(paths), profile, below
         self.depth, _, self.height, self.width = members[0].shape
         shape = (self.depth, self.height, self.width)
         reach = np.zeros(members[0].shape, dtype=bool)
@@ -264,6 +268,9 @@ class _CaseDay:
         # Steps 1-2 (threshold, 2D sizes) of the last few settings, with each slice's pixel
         # count: the other steps' candidates all start from the same step-2 masks.
         self.stage2: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # Per (class, threshold): its small components (small_components), labelled once for
+        # every minimum size of the grid; a few pixels each, where stage2 holds whole masks.
+        self.small: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
 
     def _slices(
         self, c: int, params: ClassPostprocess
@@ -272,18 +279,32 @@ class _CaseDay:
         yet applied: steps 1-2's masks (shared by the candidates equal there), the slices
         steps 3-4 keep (per-slice numbers only; None: every slice that has pixels) and a key
         naming the result in this blend."""
-        _, box_probs, box_presence = self.classes[c]
         key = (c, *(getattr(params, name) for name in PIXEL_STEPS))
         if key not in self.stage2:
             if len(self.stage2) >= 2 * _C:
                 self.stage2.pop(next(iter(self.stage2)))
-            masks = threshold_class(box_probs, params)
+            masks = self._threshold(c, params)
             self.stage2[key] = masks, slice_counts(masks)
         masks, areas = self.stage2[key]
-        keep = slice_flags(self.peaks[c], areas, params, box_presence)
+        keep = slice_flags(self.peaks[c], areas, params, self.classes[c][2])
         if np.array_equal(keep, areas > 0):  # no slice with pixels dropped: 1-2's masks
             keep = None
         return masks, keep, (key, None if keep is None else keep.tobytes())
+
+    def _threshold(self, c: int, params: ClassPostprocess) -> np.ndarray:
+        """threshold_class on class c's box: the thresholded masks less the components that
+        min_size removes, read from the threshold's small components."""
+        box_probs = self.classes[c][1]
+        if params.min_size > self.below:  # beyond the labelled sizes (not a grid value)
+            return threshold_class(box_probs, params)
+        masks = binarize(box_probs, params.threshold)
+        if params.min_size > 1:
+            key = (c, params.threshold)
+            if key not in self.small:
+                self.small[key] = small_components(masks, self.below)
+            pixels, sizes = self.small[key]
+            masks.ravel()[pixels[: np.searchsorted(sizes, params.min_size)]] = False
+        return masks
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
         """postprocess_class on the box (None: the class has no box)."""
@@ -407,11 +428,16 @@ class _CaseDay:
 
 
 def _worker(
-    conn, paths: list[tuple[Path, ...]], rows: pd.DataFrame, profile: str, low: float
+    conn,
+    paths: list[tuple[Path, ...]],
+    rows: pd.DataFrame,
+    profile: str,
+    low: float,
+    below: int,
 ) -> None:
     """Serve requests on ``conn`` for a shard of case-days kept in memory."""
     try:
-        days = [_CaseDay(p, rows, profile, low) for p in paths]
+        days = [_CaseDay(p, rows, profile, low, below) for p in paths]
         conn.send(("ok", len(days)))
         while True:
             command, *args = conn.recv()
@@ -447,12 +473,13 @@ def _worker(
 class _Pool:
     """Worker processes, each holding its shard of case-days between requests."""
 
-    def __init__(self, files, rows, profile, low, workers: int) -> None:
+    def __init__(self, files, rows, profile, low, below, workers: int) -> None:
         ctx = mp.get_context("fork")
         self.conns, self.procs = [], []
         for shard in (files[k::workers] for k in range(workers)):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, shard, rows, profile, low), daemon=True)
+            args = (child, shard, rows, profile, low, below)
+            proc = ctx.Process(target=_worker, args=args, daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -599,7 +626,8 @@ class OofSearch:
         files = [tuple(d / f"{cd}.npz" for d in self.member_dirs) for cd in self.case_days]
         workers = max(1, min(workers or os.cpu_count() or 1, len(files)))
         self.low = min(*self.grid["threshold"], ClassPostprocess().threshold)  # untuned too
-        self.pool = _Pool(files, self.rows, profile, self.low, workers)
+        below = max(self.grid.get("min_size", (0,)))  # the largest 2D size the search tries
+        self.pool = _Pool(files, self.rows, profile, self.low, below, workers)
         self.weights: tuple[float, ...] = (1.0,) + (0.0,) * (len(member_dirs) - 1)
 
     def __enter__(self) -> OofSearch:
@@ -651,10 +679,13 @@ class OofSearch:
         in (case, day) order as ``evaluate.py`` does. Per trial: score, dice, hausdorff and,
         with folds, ``per_fold`` {fold: score}; every file read once for all trials."""
         trials = [(tuple(float(w) for w in weights), tuple(s)) for weights, s in trials]
-        per_day = [pair for shard in self.pool.ask("exact", trials) for pair in shard]
+        # Equal trials (the selected blend can be the equal-weight one) are made once.
+        position = {trial: k for k, trial in enumerate(dict.fromkeys(trials))}
+        per_day = [pair for shard in self.pool.ask("exact", list(position)) for pair in shard]
         per_day.sort(key=lambda pair: _day_order(pair[0]))
         out = []
-        for k in range(len(trials)):
+        for trial in trials:
+            k = position[trial]
             pooled, by_fold = VolumeScoreAccumulator(self.profile), {}
             for path, (_, terms) in per_day:
                 pooled.add_terms(terms[k])
