@@ -18,9 +18,10 @@ class, only the box that can ever hold a prediction or the truth (probabilities 
 lowest threshold of the grid, and the truth): the steps give the same masks there, nothing
 outside can pass a threshold. The truth's distance transform is taken once, at the voxels a
 prediction can reach; a candidate then costs its post-processing on the box, the Dice counts
-and one distance pass from the truth to the prediction. Equal masks are never scored twice,
-and (kaggle) candidates whose steps 1-4 keep the same slices of the same step-2 masks, with
-the same 3D step, share one mask: it is made and scored once.
+and one distance pass from the truth to the prediction. Each threshold's small 2D components are
+labelled once per blend, for every minimum size; equal masks are never scored twice, and
+(kaggle) candidates whose steps 1-4 keep the same slices of the same step-2 masks, with the
+same 3D step, share one mask: it is made and scored once.
 """
 
 from __future__ import annotations
