@@ -440,7 +440,7 @@ def test_the_tuners_step_2_masks_are_threshold_class_s_for_every_min_size(
     make_tiny_kaggle, tmp_path
 ):
     """Each threshold's small components, labelled once, give threshold_class's masks for
-    every minimum size up to the labelled bound, and beyond it (labelled again)."""
+    every minimum size up to the labelled bound, and beyond it (threshold_class itself)."""
     tiny = make_tiny_kaggle("boxes", layout=LAYOUT, test_layout=[])
     _oof_with_strays(tiny, tmp_path / "oof_probs")
     rows = load_train_table(tiny.root, exclude=()).set_index("id")

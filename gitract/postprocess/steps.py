@@ -136,7 +136,8 @@ def small_components(mask: np.ndarray, below: int) -> tuple[np.ndarray, np.ndarr
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop the 8-connected components of fewer than ``min_size`` pixels from a 2D 0/1 mask,
-    or from each slice of a (D, H, W) one (slices never join); same shape and dtype.
+    or from each slice of a (D, H, W) one (slices never join); same shape and dtype, the
+    mask itself when nothing is dropped.
 
     Isolated specks are a common false positive on slices with no organ, and cost the most in
     the Hausdorff term (one stray voxel sets the distance for its whole volume)."""
