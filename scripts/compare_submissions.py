@@ -79,11 +79,8 @@ def main() -> None:
             continue
         best = max((n for n in scores if n != "selected"), key=scores.__getitem__)
         selected = scores["selected"]
-        verdict = (
-            "equals" if selected == scores[best]
-            else "beats" if selected > scores[best]
-            else "does NOT beat"
-        )  # fmt: skip
+        gap = selected - scores[best]
+        verdict = "beats" if gap > 0 else "equals" if gap == 0 else "does NOT beat"
         print(
             f"{profile}: on the test set the selected blend ({selected:.5f}) {verdict} "
             f"the best run alone ({best}, {scores[best]:.5f})"

@@ -236,14 +236,14 @@ def _max_distance_planar(
     def in_plane(z: int) -> np.ndarray:
         """dy^2 * e of slice z, flat, computed once (and with ``planes`` once per content)."""
         if z not in done:
-            key = planes is not None and (b.shape[1:], dy, np.packbits(not_b[z]).tobytes())
-            squared = planes.get(key) if planes is not None else None
+            key = None if planes is None else (b.shape[1:], dy, np.packbits(not_b[z]).tobytes())
+            squared = None if key is None else planes.get(key)
             if squared is None:
                 dist = cv2.distanceTransform(not_b[z], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
                 squared = np.square(dist.ravel(), dtype=np.float64)
                 np.rint(squared, out=squared)
                 squared *= dy * dy
-                if planes is not None:
+                if key is not None:
                     planes[key] = squared
             done[z] = squared
         return done[z]
