@@ -228,8 +228,11 @@ def test_directed_distance_above_a_floor_is_exact_and_below_it_stays_below():
     cache, filled by earlier masks, changes nothing."""
     rng = np.random.default_rng(12)
     planes: dict = {}
-    for _ in range(80):
-        shape = (int(rng.integers(1, 9)), *(int(rng.integers(2, 12)),) * 2)
+    for k in range(120):
+        # Wider slices too, where a floor spans many pixels (the points it rules out are
+        # filtered by a dilation before any distance is taken).
+        side = int(rng.integers(2, 12) if k % 2 else rng.integers(12, 48))
+        shape = (int(rng.integers(1, 9)), side, side)
         a = rng.random(shape) < 10 ** rng.uniform(-2, -0.3)
         b = rng.random(shape) < 10 ** rng.uniform(-2, -0.3)
         a.flat[rng.integers(a.size)] = b.flat[rng.integers(b.size)] = True
@@ -245,6 +248,21 @@ def test_directed_distance_above_a_floor_is_exact_and_below_it_stays_below():
                 assert got <= floor + 1e-12
         if len(planes) > 200:
             planes.clear()
+
+
+def test_a_floor_rules_out_only_points_surely_within_it():
+    """A point k pixels from b's only voxel along rows and columns (k * sqrt(2) away) or along
+    rows only (k away): a floor just below its distance must not rule it out, one above may;
+    up to squares wider than the dilation's cap."""
+    spacing = (1 / 3, 1 / 48, 1 / 48)
+    for k in range(1, 24):
+        for dy, dx in ((k, k), (k, 0)):
+            a, b = np.zeros((2, 3, 48, 48), dtype=bool)
+            b[1, 5, 5] = a[1, 5 + dy, 5 + dx] = True
+            true = math.hypot(dy, dx) / 48
+            got = metrics.directed_distance(a, b, spacing, at_least=true * (1 - 1e-6))
+            assert got == pytest.approx(true, abs=1e-12), (dy, dx)
+            assert metrics.directed_distance(a, b, spacing, at_least=true * 1.01) <= true * 1.01
 
 
 @pytest.mark.parametrize("shape", [(9, 15, 15), (9, 15, 17)])

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from gitract.postprocess.steps import (
     ClassPostprocess,
+    binarize,
     drop_short_runs,
     fill_gaps,
     postprocess_class,
@@ -239,6 +240,17 @@ def test_threshold_reads_the_quantised_scale_and_steps_compose() -> None:
     out = postprocess_volume(stack, params)
     assert out.shape == stack.shape and out.dtype == bool
     assert out[:, 0].sum() == 1 and out[:, 1].sum() == 2 and out[:, 2].sum() == 0
+
+
+def test_binarize_compares_the_quantised_scale_exactly() -> None:
+    # Every uint8 value against thresholds whose t * 255 is just below, at or above an integer
+    # in floating point (0.6 * 255 = 152.99999999999997): the integer comparison must give
+    # the float one's mask; other dtypes keep the float comparison.
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    for threshold in [0.0, 0.2, 0.3, 0.5, 0.6, 0.7, 1 / 255, 51 / 255, 0.999, 1.0]:
+        assert np.array_equal(binarize(values, threshold), values > threshold * 255), threshold
+    wide = values.astype(np.float32)
+    assert np.array_equal(binarize(wide, 0.5), values > 127)
 
 
 def test_class_settings_round_trip_and_reject_bad_values() -> None:

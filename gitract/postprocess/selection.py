@@ -44,24 +44,37 @@ def _unit(k: int, n: int) -> list[int]:
     return [int(i == k) for i in range(n)]
 
 
-def _threshold_score(search: OofSearch, weights: Sequence[int], sweeps: int) -> float:
-    """The blend's score with per-class thresholds tuned (the greedy search's criterion)."""
-    search.blend(weights)
-    return search.search(_UNTUNED, ["threshold"], sweeps)[1]
+def _threshold_score(
+    search: OofSearch, weights: Sequence[int], sweeps: int, seen: dict[tuple[float, ...], float]
+) -> float:
+    """The blend's score with per-class thresholds tuned (the greedy search's criterion), kept
+    in ``seen`` by the weights' shares: integer weights of equal shares form the same blend
+    bit for bit (their sums are exact in float32), so e.g. a run added to itself alone is not
+    searched again."""
+    share = _share(weights)
+    if share not in seen:
+        search.blend(weights)
+        seen[share] = search.search(_UNTUNED, ["threshold"], sweeps)[1]
+    return seen[share]
 
 
 def greedy_weights(
-    search: OofSearch, max_weight: int = DEFAULT_MAX_WEIGHT, progress: bool = True
+    search: OofSearch,
+    max_weight: int = DEFAULT_MAX_WEIGHT,
+    progress: bool = True,
+    seen: dict[tuple[float, ...], float] | None = None,
 ) -> tuple[list[int], list[dict], list[float]]:
     """Greedy forward selection with replacement: integer weights per member, the rounds'
     history ({weights, score} per accepted step, the start included) and each member's score
-    alone (all with per-class thresholds tuned)."""
+    alone (all with per-class thresholds tuned). ``seen``: blends' scores by share, filled
+    for the caller (who may score more blends)."""
     n = len(search.member_dirs)
     sweeps = _threshold_sweeps(search.profile)
+    seen = {} if seen is None else seen
     with tqdm(desc="select", unit="blend", disable=not progress) as bar:
         alone = []
         for k in range(n):
-            alone.append(_threshold_score(search, _unit(k, n), sweeps))
+            alone.append(_threshold_score(search, _unit(k, n), sweeps, seen))
             bar.update(1)
         weights = _unit(int(np.argmax(alone)), n)
         score = max(alone)
@@ -70,7 +83,7 @@ def greedy_weights(
             trials = []
             for k in range(n):
                 trial = [w + int(i == k) for i, w in enumerate(weights)]
-                trials.append(_threshold_score(search, trial, sweeps))
+                trials.append(_threshold_score(search, trial, sweeps, seen))
                 bar.update(1)
             best = int(np.argmax(trials))
             if trials[best] <= score + 1e-12:
@@ -118,17 +131,18 @@ def select_blend(
     ``n_slices`` and ``left_out`` (case-day files that only some runs have)."""
     n = len(member_dirs)
     with OofSearch(member_dirs, table, profile, grid, workers, folds) as search:
-        selected, history, alone = greedy_weights(search, max_weight, progress)
+        seen: dict[tuple[float, ...], float] = {}
+        selected, history, _ = greedy_weights(search, max_weight, progress, seen)
         named = {f"member {k}": _unit(k, n) for k in range(n)}
         named["equal_blend"] = [1] * n
         named["selected"] = selected
-        thresholds = {f"member {k}": alone[k] for k in range(n)}
-        thresholds["selected"] = history[-1]["score"]
+        thresholds: dict[str, float] = {}
         tuned: dict[tuple[float, ...], tuple[list, list]] = {}
         with tqdm(total=len(named), desc="tune", unit="blend", disable=not progress) as bar:
             for name, weights in named.items():
-                if name not in thresholds:
-                    thresholds[name] = _threshold_score(search, weights, _threshold_sweeps(profile))
+                # The members' and the selection's are in seen from the greedy search.
+                sweeps_1 = _threshold_sweeps(profile)
+                thresholds[name] = _threshold_score(search, weights, sweeps_1, seen)
                 if _share(weights) not in tuned:  # e.g. the selected blend is one run
                     search.blend(weights)
                     tuned[_share(weights)] = search.tune(sweeps)

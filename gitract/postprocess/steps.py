@@ -25,6 +25,7 @@ OOF files give bit-identical masks at inference.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -235,8 +236,15 @@ def slice_flags(
 
 
 def binarize(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Step 1: quantised probabilities -> bool masks of the pixels above ``threshold``."""
-    return probs > _level(threshold)
+    """Step 1: quantised probabilities -> bool masks of the pixels above ``threshold``.
+
+    uint8 probabilities are compared as integers: an integer k is above t * 255 exactly when
+    it is above floor(t * 255), and a uint8 comparison is ~7x faster than one that promotes
+    the volume to float (the tuner makes thousands of such masks)."""
+    level = math.floor(_level(threshold))
+    if probs.dtype != np.uint8 or not 0 <= level <= 255:
+        return probs > _level(threshold)
+    return probs > np.uint8(level)
 
 
 def threshold_class(probs: np.ndarray, params: ClassPostprocess) -> np.ndarray:

@@ -471,13 +471,28 @@ def _worker(
         conn.close()
 
 
+def _shards(files: Sequence[tuple[Path, ...]], workers: int) -> list[list[tuple[Path, ...]]]:
+    """The case-days split over ``workers`` of about equal work, the biggest first, each to
+    the least loaded shard so far. A request waits for the slowest worker, so unequal shards
+    leave cores idle; a case-day's compressed files (organ and speck sizes, slices) stand in
+    for its work."""
+    sizes = [sum(path.stat().st_size for path in paths) for paths in files]
+    shards: list[list[tuple[Path, ...]]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for k in sorted(range(len(files)), key=lambda k: -sizes[k]):
+        least = loads.index(min(loads))
+        shards[least].append(files[k])
+        loads[least] += sizes[k]
+    return shards
+
+
 class _Pool:
     """Worker processes, each holding its shard of case-days between requests."""
 
     def __init__(self, files, rows, profile, low, below, workers: int) -> None:
         ctx = mp.get_context("fork")
         self.conns, self.procs = [], []
-        for shard in (files[k::workers] for k in range(workers)):
+        for shard in _shards(files, workers):
             parent, child = ctx.Pipe()
             args = (child, shard, rows, profile, low, below)
             proc = ctx.Process(target=_worker, args=args, daemon=True)

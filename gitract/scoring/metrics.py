@@ -208,6 +208,9 @@ def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
 # pixel distance only while float32 rounding error stays below 0.5, i.e. for squared distances
 # well under 2**22 (slices up to ~1400 px across, far beyond any scan).
 _CV_MAX_SQUARED = 2**22
+# The largest square (pixels each side of a voxel) _beyond_floor dilates by: a 30-case-day
+# selection spent least time in distances with 10-16 (with 2: 68% more, with none: 35% more).
+_MAX_RADIUS = 12
 
 
 def _max_distance_planar(
@@ -311,8 +314,39 @@ def directed_distance(
     points = np.unravel_index(flat, a.shape)
     _, h, w = b.shape
     if spacing[1] == spacing[2] and (h - 1) ** 2 + (w - 1) ** 2 < _CV_MAX_SQUARED:
+        points = _beyond_floor(b, points, spacing[1], at_least)
+        if points[0].size == 0:
+            return 0.0
         return _max_distance_planar(b, points, spacing, planes, at_least)
     return _max_distance_ft(b, points, spacing)
+
+
+def _beyond_floor(
+    b: np.ndarray, points: tuple[np.ndarray, ...], step: float, at_least: float
+) -> tuple[np.ndarray, ...]:
+    """``points`` less those surely within ``at_least`` of ``b``: a point with a voxel of b in
+    its own slice at most r pixels away along rows and along columns is at most r * sqrt(2)
+    pixels from b. One dilation of b's slices by the largest such r then leaves only the
+    points that can matter: with a floor of a few pixels (the other direction's distance,
+    which a stray false positive makes large) most slices keep none, and their in-plane
+    transforms are never taken. ``step``: the rows' and columns' spacing."""
+    # The margin keeps every point whose distance could round above at_least. Past
+    # _MAX_RADIUS, a wider square costs more to dilate than it saves.
+    r = min(math.floor(at_least / (step * math.sqrt(2.0)) * (1.0 - 1e-9)), _MAX_RADIUS)
+    if r < 1:
+        return points
+    zs = points[0]
+    keep = np.ones(zs.size, dtype=bool)
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
+    b8 = b.view(np.uint8)
+    starts = np.flatnonzero(np.r_[True, zs[1:] != zs[:-1]])  # points come slice by slice
+    for start, stop in zip(starts, [*starts[1:], zs.size], strict=True):
+        z = int(zs[start])
+        if not b8[z].any():
+            continue  # no voxel of b in the slice: no bound from it
+        near = cv2.dilate(b8[z], square, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        keep[start:stop] = near[points[1][start:stop], points[2][start:stop]] == 0
+    return tuple(axis[keep] for axis in points)
 
 
 def hausdorff_3d(pred: np.ndarray, truth: np.ndarray, crop: bool = True) -> float | None:
