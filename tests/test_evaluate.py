@@ -30,7 +30,7 @@ from gitract.postprocess.steps import (
 )
 from gitract.postprocess.tuning import DEFAULT_GRID, tune_postprocess
 from gitract.scoring.files import score_profiles
-from gitract.scoring.metrics import competition_score, terms_summary, volume_terms
+from gitract.scoring.metrics import competition_score, slice_counts, terms_summary, volume_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small volumes keep the all-pairs reference fast: (case, day, slices, width, height).
@@ -439,8 +439,9 @@ def test_the_tuners_terms_are_what_the_pipeline_and_metric_give(
 def test_the_tuners_step_2_masks_are_threshold_class_s_for_every_min_size(
     make_tiny_kaggle, tmp_path
 ):
-    """Each threshold's small components, labelled once, give threshold_class's masks for
-    every minimum size up to the labelled bound, and beyond it (threshold_class itself)."""
+    """Each threshold's small components, labelled once, give threshold_class's masks (and
+    their pixels per slice) for every minimum size up to the labelled bound, and beyond it
+    (threshold_class itself)."""
     tiny = make_tiny_kaggle("boxes", layout=LAYOUT, test_layout=[])
     _oof_with_strays(tiny, tmp_path / "oof_probs")
     rows = load_train_table(tiny.root, exclude=()).set_index("id")
@@ -454,7 +455,8 @@ def test_the_tuners_step_2_masks_are_threshold_class_s_for_every_min_size(
                 plain = box_probs > threshold * 255
                 for min_size in range(60):
                     params = ClassPostprocess(threshold=threshold, min_size=min_size)
-                    got = day._threshold(c, params)
+                    got, areas = day._threshold(c, params)
                     assert np.array_equal(got, threshold_class(box_probs, params)), min_size
+                    assert np.array_equal(areas, slice_counts(got)), min_size
                     removed += int(np.count_nonzero(plain & ~got))
     assert removed > 0  # the strays are small components

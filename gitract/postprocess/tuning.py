@@ -184,6 +184,7 @@ class _Target:
         if self.box is None:
             return
         self.truth = np.ascontiguousarray(truth[self.box])
+        self.truth_counts = slice_counts(self.truth)
         self.reach_idx = np.flatnonzero(reach[self.box])
         if self.n_truth:
             spacing = tuple(1.0 / n for n in shape)
@@ -255,14 +256,19 @@ class _CaseDay:
         class's box; no class has a setting yet."""
         self.weights = tuple(weights)
         self.classes, self.peaks = [], []
+        # Per class: the blend at the reachable voxels and their slices (in the box), to count
+        # a threshold's pixels per slice without reading the whole box.
+        self.reached: list[tuple[np.ndarray, np.ndarray] | None] = []
         for target, index, values, box_presence in self.members:
-            box_probs = presence = None
+            box_probs = presence = reached = None
             if target.box is not None:
                 box_probs = np.zeros(target.truth.shape, dtype=np.uint8)
-                box_probs.ravel()[index] = blend_quantized(values, weights)
+                reached = blend_quantized(values, weights), index // box_probs[0].size
+                box_probs.ravel()[index] = reached[0]
                 presence = _blend_presence(box_presence, weights)
             self.classes.append((target, box_probs, presence))
             self.peaks.append(None if box_probs is None else slice_peaks(box_probs))
+            self.reached.append(reached)
         self.current: list[ClassPostprocess | None] = [None] * _C
         self.masks: list[np.ndarray | None] = [None] * _C
         self.memo: dict[tuple, np.ndarray] = {}
@@ -284,28 +290,33 @@ class _CaseDay:
         if key not in self.stage2:
             if len(self.stage2) >= 2 * _C:
                 self.stage2.pop(next(iter(self.stage2)))
-            masks = self._threshold(c, params)
-            self.stage2[key] = masks, slice_counts(masks)
+            self.stage2[key] = self._threshold(c, params)
         masks, areas = self.stage2[key]
         keep = slice_flags(self.peaks[c], areas, params, self.classes[c][2])
         if np.array_equal(keep, areas > 0):  # no slice with pixels dropped: 1-2's masks
             keep = None
         return masks, keep, (key, None if keep is None else keep.tobytes())
 
-    def _threshold(self, c: int, params: ClassPostprocess) -> np.ndarray:
-        """threshold_class on class c's box: the thresholded masks less the components that
-        min_size removes, read from the threshold's small components."""
+    def _threshold(self, c: int, params: ClassPostprocess) -> tuple[np.ndarray, np.ndarray]:
+        """threshold_class on class c's box, and its pixels per slice: the thresholded masks
+        less the components that min_size removes, read from the threshold's small
+        components (counted from the reachable voxels: nothing else of the box can pass)."""
         box_probs = self.classes[c][1]
         if params.min_size > self.below:  # beyond the labelled sizes (not a grid value)
-            return threshold_class(box_probs, params)
+            masks = threshold_class(box_probs, params)
+            return masks, slice_counts(masks)
         masks = binarize(box_probs, params.threshold)
+        values, slices = self.reached[c]
+        areas = np.bincount(slices[binarize(values, params.threshold)], minlength=len(masks))
         if params.min_size > 1:
             key = (c, params.threshold)
             if key not in self.small:
                 self.small[key] = small_components(masks, self.below)
             pixels, sizes = self.small[key]
-            masks.ravel()[pixels[: np.searchsorted(sizes, params.min_size)]] = False
-        return masks
+            removed = pixels[: np.searchsorted(sizes, params.min_size)]
+            masks.ravel()[removed] = False
+            areas -= np.bincount(removed // masks[0].size, minlength=len(masks))
+        return masks, areas
 
     def _class_mask(self, c: int, params: ClassPostprocess) -> np.ndarray | None:
         """postprocess_class on the box (None: the class has no box)."""
@@ -341,7 +352,8 @@ class _CaseDay:
 
     def _measure(self, c: int, mask: np.ndarray) -> np.ndarray:
         target = self.classes[c][0]
-        dice, rows = dice_terms(*row_counts(mask, target.truth), self.profile)
+        counts = row_counts(mask, target.truth, target.truth_counts)
+        dice, rows = dice_terms(*counts, self.profile)
         if self.profile == "mlebench":
             return class_terms(c, dice, rows)
         outside = self.depth - len(mask)  # slices outside the box: both empty, 1 each

@@ -477,9 +477,14 @@ def slice_counts(masks: np.ndarray) -> np.ndarray:
     return np.fromiter((np.count_nonzero(m) for m in masks), dtype=np.int64, count=len(masks))
 
 
-def row_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per slice of two (D, H, W) masks: predicted, true and common pixels (three (D,) arrays)."""
-    return slice_counts(pred), slice_counts(truth), slice_counts(pred & truth)
+def row_counts(
+    pred: np.ndarray, truth: np.ndarray, n_true: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Per slice of two (D, H, W) masks: predicted, true and common pixels (three (D,) arrays).
+    ``n_true``: the truth's, where the caller keeps them (the tuner measures thousands of
+    predictions against one truth)."""
+    n_true = slice_counts(truth) if n_true is None else n_true
+    return slice_counts(pred), n_true, slice_counts(pred & truth)
 
 
 def dice_terms(
