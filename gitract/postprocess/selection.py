@@ -136,13 +136,13 @@ def select_blend(
         named = {f"member {k}": _unit(k, n) for k in range(n)}
         named["equal_blend"] = [1] * n
         named["selected"] = selected
+        # The greedy criterion of each: the members' and the selection's are already seen.
+        criterion = _threshold_sweeps(profile)
         thresholds: dict[str, float] = {}
         tuned: dict[tuple[float, ...], tuple[list, list]] = {}
         with tqdm(total=len(named), desc="tune", unit="blend", disable=not progress) as bar:
             for name, weights in named.items():
-                # The members' and the selection's are in seen from the greedy search.
-                sweeps_1 = _threshold_sweeps(profile)
-                thresholds[name] = _threshold_score(search, weights, sweeps_1, seen)
+                thresholds[name] = _threshold_score(search, weights, criterion, seen)
                 if _share(weights) not in tuned:  # e.g. the selected blend is one run
                     search.blend(weights)
                     tuned[_share(weights)] = search.tune(sweeps)
