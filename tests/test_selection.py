@@ -124,15 +124,15 @@ def test_greedy_selection_picks_what_brute_force_picks(make_tiny_kaggle, tmp_pat
     ]
     table = load_train_table(tiny.root, exclude=())
     with OofSearch(dirs, table, profile, workers=1) as search:
-        searched, search_blend = [], search.search
+        searched, original = [], search.search
 
         def recorded(*args, **kwargs):
             searched.append(_share(search.weights))
-            return search_blend(*args, **kwargs)
+            return original(*args, **kwargs)
 
         search.search = recorded
         weights, history, alone = greedy_weights(search, max_weight=4, progress=False)
-        search.search = search_blend
+        search.search = original
         best, best_shares = _brute_force(search, max_weight=4)
     # Each blend is searched once: adding a run to itself alone is the same blend.
     assert len(searched) == len(set(searched)) and len(searched) >= 5
