@@ -220,23 +220,24 @@ class _CaseDay:
         shape = (self.depth, self.height, self.width)
         reach = np.zeros(members[0].shape, dtype=bool)
         for probs in members:
-            reach |= probs > low * 255
-        # Per class: its target, and on its box the reachable voxels' flat indices with each
-        # member's values there (a blend is below the lowest threshold wherever every member
-        # is, so the other voxels of the box are 0 for the steps).
+            reach |= binarize(probs, low)
+        # Per class: its target, and on its box each member's values at the reachable voxels
+        # (the target's reach_idx; a blend is below the lowest threshold wherever every member
+        # is, so the other voxels of the box are 0 for the steps) and their slices.
         self.members: list[tuple[_Target, np.ndarray | None, np.ndarray | None, list]] = []
         for c in range(_C):
             target = _Target(truth[:, c], reach[:, c], shape)
-            index = values = None
+            slices = values = None
             box_presence: list[np.ndarray | None] = [None] * len(members)
             if target.box is not None:
-                index = np.flatnonzero(reach[:, c][target.box])
+                index = target.reach_idx
                 values = np.stack([probs[:, c][target.box].ravel()[index] for probs in members])
+                slices = index // target.truth[0].size
                 box_presence = [
                     None if pr is None else np.ascontiguousarray(pr[target.box[0], c])
                     for pr in presence
                 ]
-            self.members.append((target, index, values, box_presence))
+            self.members.append((target, values, slices, box_presence))
         self.union = None
         if profile == "mlebench":
             self.square = self.height == self.width
@@ -256,15 +257,15 @@ class _CaseDay:
         class's box; no class has a setting yet."""
         self.weights = tuple(weights)
         self.classes, self.peaks = [], []
-        # Per class: the blend at the reachable voxels and their slices (in the box), to count
-        # a threshold's pixels per slice without reading the whole box.
-        self.reached: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for target, index, values, box_presence in self.members:
+        # Per class: the blend at the reachable voxels, to count a threshold's pixels per
+        # slice without reading the whole box.
+        self.reached: list[np.ndarray | None] = []
+        for target, values, _, box_presence in self.members:
             box_probs = presence = reached = None
             if target.box is not None:
                 box_probs = np.zeros(target.truth.shape, dtype=np.uint8)
-                reached = blend_quantized(values, weights), index // box_probs[0].size
-                box_probs.ravel()[index] = reached[0]
+                reached = blend_quantized(values, weights)
+                box_probs.ravel()[target.reach_idx] = reached
                 presence = _blend_presence(box_presence, weights)
             self.classes.append((target, box_probs, presence))
             self.peaks.append(None if box_probs is None else slice_peaks(box_probs))
@@ -306,8 +307,10 @@ class _CaseDay:
             masks = threshold_class(box_probs, params)
             return masks, slice_counts(masks)
         masks = binarize(box_probs, params.threshold)
-        values, slices = self.reached[c]
-        areas = np.bincount(slices[binarize(values, params.threshold)], minlength=len(masks))
+        slices = self.members[c][2]
+        areas = np.bincount(
+            slices[binarize(self.reached[c], params.threshold)], minlength=len(masks)
+        )
         if params.min_size > 1:
             key = (c, params.threshold)
             if key not in self.small:

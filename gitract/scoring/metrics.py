@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -251,13 +251,12 @@ def _max_distance_planar(
             done[z] = squared
         return done[z]
 
-    # np.nonzero lists points slice by slice: each run of one z shares its slice-to-slice terms.
+    # Each run of one z shares its slice-to-slice terms.
     zq, flat = points[0], points[1] * b.shape[2] + points[2]
-    bounds = [0, *(np.flatnonzero(np.diff(zq)) + 1).tolist(), zq.size]
     # Points nearer than at_least cannot matter; the margin keeps every point whose distance
     # could round above at_least (the squares carry ~1e-16 relative error).
     best = at_least * at_least * (1.0 - 1e-9)
-    for start, stop in itertools.pairwise(bounds):
+    for start, stop in _slice_runs(zq):
         to_slices = np.square((slices - zq[start]) * dz)
         nearest: np.ndarray | None = None
         for k in np.argsort(to_slices, kind="stable"):
@@ -269,6 +268,12 @@ def _max_distance_planar(
             nearest = d2 if nearest is None else np.minimum(nearest, d2, out=nearest)
         best = max(best, float(nearest.max()))
     return math.sqrt(best)
+
+
+def _slice_runs(zs: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of one slice in points' z coordinates, which np.nonzero
+    (and unravelled np.flatnonzero) list slice by slice."""
+    return itertools.pairwise([0, *(np.flatnonzero(np.diff(zs)) + 1).tolist(), zs.size])
 
 
 def _max_distance_ft(
@@ -339,8 +344,7 @@ def _beyond_floor(
     keep = np.ones(zs.size, dtype=bool)
     square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
     b8 = b.view(np.uint8)
-    starts = np.flatnonzero(np.r_[True, zs[1:] != zs[:-1]])  # points come slice by slice
-    for start, stop in zip(starts, [*starts[1:], zs.size], strict=True):
+    for start, stop in _slice_runs(zs):
         z = int(zs[start])
         if not b8[z].any():
             continue  # no voxel of b in the slice: no bound from it
